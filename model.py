@@ -1,0 +1,490 @@
+"""A Llama-style transformer that loads Hugging Face checkpoints as a same-key copy.
+
+    from model import load_model, generate
+    model = load_model("path/to/SmolLM2-135M-Instruct")          # dir, .safetensors or index.json
+    logits = model(torch.tensor([[1, 2, 3]]))                     # (B, T, V)
+    new = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=20, eos_ids=[2])
+
+Parameter names mirror transformers' LlamaForCausalLM exactly (model.layers.0.self_attn.q_proj.weight,
+...) and RoPE uses the rotate-half layout, so `model.safetensors` loads without renaming and every
+adapter or Fisher basis computed here comes out in Hugging Face order.
+
+Notation used in shape comments:
+    B batch, T time (query length), S key length (cache), C hidden size, V vocabulary,
+    nh query heads, nkv key/value heads, hd head dim, F MLP intermediate size.
+
+RoPE layouts. Meta's original checkpoints rotate interleaved pairs (x[2i], x[2i+1]); Hugging Face
+rotates halves (x[i], x[i + hd/2]). The two are the same function after permuting the output rows
+of q_proj and k_proj inside each head. To bring Meta weights here, apply per weight W (nh*hd, C):
+    W.view(nh, hd // 2, 2, C).transpose(1, 2).reshape(nh * hd, C)
+(with nkv instead of nh for k_proj). This file only ever uses the rotate-half layout.
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 128                   # V
+    hidden_size: int = 64                   # C
+    intermediate_size: int = 128            # F, SwiGLU width
+    num_hidden_layers: int = 2              # transformer blocks
+    num_attention_heads: int = 4            # nh
+    num_key_value_heads: int | None = None  # nkv (GQA); None means nh
+    head_dim: int | None = None             # hd; None means C // nh
+    rms_norm_eps: float = 1e-5              # RMSNorm epsilon
+    rope_theta: float = 10000.0             # RoPE base
+    rope_scaling: dict | None = None        # None or {"rope_type": "llama3", "factor", ...}
+    max_position_embeddings: int = 2048     # context the checkpoint was trained for
+    tie_word_embeddings: bool = False       # lm_head shares embed_tokens' weight
+    initializer_range: float = 0.02         # std of the random init (training from scratch)
+    bos_token_id: int | None = None         # carried through to config.json
+    eos_token_id: int | list | None = None  # carried through to config.json
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            assert self.hidden_size % self.num_attention_heads == 0, (self.hidden_size, self.num_attention_heads)
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        assert self.num_attention_heads % self.num_key_value_heads == 0, \
+            f"nh={self.num_attention_heads} is not a multiple of nkv={self.num_key_value_heads}"
+        assert self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"
+
+    @classmethod
+    def from_hf(cls, path) -> "ModelConfig":
+        """Read a Hugging Face config.json (a file, or a directory holding one): the checkpoint is
+        the source of truth. Anything this implementation would compute differently is refused."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(f"{file}: config.json not found (it must sit beside the checkpoint)")
+        try:
+            hf = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+        def refuse(key, value, why):
+            raise ValueError(f"{file}: field {key!r} = {value!r} is not supported: {why}")
+
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            refuse("model_type", model_type, "only Llama-architecture checkpoints are implemented")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            refuse("hidden_act", act, "the MLP is SwiGLU (silu)")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key, False):
+                refuse(key, hf[key], "linear layers have no bias here")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(hf.get(key), int):
+                raise ValueError(f"{file}: field {key!r} is missing or not an integer")
+
+        # rope_theta lives at the top level (transformers 4.x) or inside rope_parameters (5.x);
+        # scaling is under rope_scaling or rope_parameters, its kind under "rope_type" or "type".
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in keys if k not in rope]
+            if missing:
+                raise ValueError(f"{file}: llama3 rope scaling lacks field(s) {missing}")
+            scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+        else:
+            refuse("rope_type", rope_type, "only default and llama3 RoPE are implemented")
+
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads"),
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            initializer_range=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers' LlamaForCausalLM reads back as this model."""
+        hf = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "initializer_range": self.initializer_range,
+        }
+        if self.bos_token_id is not None:
+            hf["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            hf["eos_token_id"] = self.eos_token_id
+        return hf
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/hd), i < hd/2, with llama3's piecewise rescaling if set."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between
+    # interpolated smoothly, so that context extends without disturbing local attention.
+    old_ctx = s["original_max_position_embeddings"]
+    low_wavelen = old_ctx / s["low_freq_factor"]
+    high_wavelen = old_ctx / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (old_ctx / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor):
+    """cos, sin of shape (B, T, hd) in fp32 for integer positions (B, T)."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)             # (B, T, hd), rotate-half layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, n, T, hd) rotated by position; computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)            # rotate_half
+    cos, sin = cos[:, None], sin[:, None]             # (B, 1, T, hd)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32; the weight multiplies after casting back, as transformers does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, C, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_cache, v_cache = cache                                       # (B, nkv, Tmax, hd) each
+            k_cache[:, :, cache_pos:cache_pos + T] = k
+            v_cache[:, :, cache_pos:cache_pos + T] = v
+            k, v = k_cache[:, :, :cache_pos + T], v_cache[:, :, :cache_pos + T]  # (B, nkv, S, hd)
+        # no mask means plain causal attention (training, right padding): SDPA's fused path
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)             # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The body: transformers' LlamaModel (embed_tokens, layers, norm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """transformers' LlamaForCausalLM: `model` (the body) and `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, cache_pos=0):
+        """input_ids (B, T) -> logits (B, T, V).
+
+        position_ids (B, T) default to cache_pos + arange(T). mask (B, 1, T, S) bool, True where a
+        query may attend a key; None means causal over the T tokens given (no padding on the left).
+        cache: per layer a (k, v) pair of (B, nkv, Tmax, hd) tensors, written at cache_pos.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(cache_pos, cache_pos + T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), position_ids)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+        return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+
+def init_weights(model: Llama, seed: int = 0) -> Llama:
+    """Random initialisation for training from scratch: N(0, initializer_range) for linear and
+    embedding weights (as transformers does), ones for norms."""
+    g = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def resolve_checkpoint(path) -> tuple[Path, list[Path]]:
+    """(directory holding config.json, safetensors shard files) for a .safetensors file, a sharded
+    model.safetensors.index.json, or a directory holding either."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            path = path / "model.safetensors"
+        elif (path / "model.safetensors.index.json").is_file():
+            path = path / "model.safetensors.index.json"
+        else:
+            raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json in this directory")
+    if not path.is_file():
+        raise ValueError(f"{path}: checkpoint not found")
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        shards = [path.parent / f for f in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if not shard.is_file():
+                raise ValueError(f"{path}: shard {shard.name} listed in weight_map does not exist")
+        return path.parent, shards
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: expected a .safetensors file, an .index.json or a directory")
+    return path.parent, [path]
+
+
+# tensors that some checkpoints carry and this model recomputes instead
+IGNORED_KEY_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
+    """Build the model from config.json beside the checkpoint and copy every tensor by name.
+
+    Key sets and shapes are checked: missing and unexpected tensors are named in the error.
+    Floating tensors are cast to `dtype`; a tensor that cannot be cast (an integer weight) is an error.
+    """
+    folder, shards = resolve_checkpoint(path)
+    cfg = ModelConfig.from_hf(folder)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    state = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith(IGNORED_KEY_SUFFIXES) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                    continue
+                if key not in expected:
+                    state[key] = None  # collected to report all unexpected keys at once
+                    continue
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise ValueError(f"{shard}: tensor {key} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[key].shape)}")
+                if not t.is_floating_point():
+                    raise ValueError(f"{shard}: tensor {key} has dtype {t.dtype}, which cannot be cast to {dtype}")
+                state[key] = t.to(device=device, dtype=dtype)
+    unexpected = sorted(k for k, v in state.items() if v is None)
+    missing = sorted(set(expected) - set(state))
+    if unexpected or missing:
+        raise ValueError(f"{folder}: checkpoint does not match config.json: "
+                         f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                         f"unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter by two; share again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _atomic_write(path: Path, write):
+    """Write through a temporary file in the same directory, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_from=None,
+               overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write model.safetensors + config.json (and copy tokenizer files from `tokenizer_from`) so
+    that transformers' LlamaForCausalLM.from_pretrained(out_dir) loads it. `state_dict` overrides
+    the model's own (e.g. a merged LoRA state dict). Refuses to replace an existing checkpoint."""
+    out = Path(out_dir)
+    if (out / "model.safetensors").exists() and not overwrite:
+        raise ValueError(f"{out}: already holds model.safetensors; refusing to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict() if state_dict is None else state_dict
+    tensors = {}
+    for k, v in sd.items():
+        if model.config.tie_word_embeddings and k == "lm_head.weight":
+            continue  # transformers re-ties it from embed_tokens
+        v = v.detach().to("cpu")
+        tensors[k] = (v.to(dtype) if dtype is not None else v).contiguous()
+    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+            src = Path(tokenizer_from) / name
+            if src.is_file():
+                data = src.read_bytes()
+                _atomic_write(out / name, lambda p: Path(p).write_bytes(data))
+    return out
+
+
+# ----------------------------------------------------------------------------- generation
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next token per row of logits (B, V): argmax when temperature == 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int = 0,
+             temperature: float = 0.0, top_p: float = 1.0, generator=None) -> list[list[int]]:
+    """Continue a batch of token-id prompts of different lengths; return only the new tokens of
+    each, stopping at (and not including) the first of `eos_ids`.
+
+    Prompts are left-padded: positions count from each prompt's first real token and pad keys are
+    masked out, so every row computes what it would alone. The KV cache is allocated here, per call,
+    on the model's device, sized prompt + max_new_tokens.
+    """
+    cfg = model.config
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    B, P = len(prompts), max(len(x) for x in prompts)
+    Tmax = P + max_new_tokens
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, Tmax, dtype=torch.bool, device=device)  # real (non-pad) key positions
+    for b, x in enumerate(prompts):
+        assert len(x) > 0, f"prompt {b} is empty"
+        ids[b, P - len(x):] = torch.tensor(x, device=device)
+        valid[b, P - len(x):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, Tmax)
+    cache = [(torch.zeros(B, cfg.num_key_value_heads, Tmax, cfg.head_dim, device=device, dtype=dtype),
+              torch.zeros(B, cfg.num_key_value_heads, Tmax, cfg.head_dim, device=device, dtype=dtype))
+             for _ in range(cfg.num_hidden_layers)]
+    eos = torch.tensor(sorted(set(eos_ids if isinstance(eos_ids, (list, tuple, set)) else [eos_ids])), device=device)
+
+    # prefill: causal mask over the prompt, pad keys hidden; a pad query may see itself so that
+    # no softmax row is empty (an empty row would give NaN that leaks into later layers)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, P, P)
+    logits = model(ids, position_ids=positions[:, :P], mask=mask[:, None], cache=cache, cache_pos=0)
+
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(P, Tmax):
+        nxt = sample_next(logits[:, -1], temperature, top_p, generator)  # (B,)
+        nxt = torch.where(done, pad_id, nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()) or t == Tmax - 1:
+            break
+        logits = model(nxt[:, None], position_ids=positions[:, t:t + 1],
+                       mask=valid[:, None, None, :t + 1], cache=cache, cache_pos=t)
+    result = []
+    for row in out.tolist():
+        stop = next((i for i, tok in enumerate(row) if tok in set(eos.tolist())), len(row))
+        result.append(row[:stop])
+    return result

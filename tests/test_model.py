@@ -1,0 +1,227 @@
+"""model.py against independent references: transformers' LlamaForCausalLM, a numpy RoPE, and
+recomputation without the KV cache."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import Llama, ModelConfig, generate, init_weights, load_model, rope_cos_sin, rope_inv_freq, save_model
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+CONFIGS = {  # tiny configurations covering the features real checkpoints use
+    "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "mha_head_dim": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=8),
+    "mqa_llama3": dict(num_attention_heads=4, num_key_value_heads=1, rope_scaling=LLAMA3_SCALING,
+                       rope_theta=500000.0),
+}
+
+
+def make_hf_model(tmp_path, name, shard=False):
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              rms_norm_eps=1e-5, max_position_embeddings=64, **CONFIGS[name])
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    with torch.no_grad():  # make norms non-trivial so that their weights are tested too
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / name
+    hf.save_pretrained(out, max_shard_size="20KB" if shard else "1GB")
+    return hf, out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("form", ["dir", "file", "index"])
+def test_logits_match_transformers(tmp_path, name, form):
+    hf, out = make_hf_model(tmp_path, name, shard=form == "index")
+    path = {"dir": out, "file": out / "model.safetensors", "index": out / "model.safetensors.index.json"}[form]
+    if form == "index":
+        assert path.is_file() and not (out / "model.safetensors").exists()
+    ours = load_model(path)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == (2, 40, 128)
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4, f"max |ours - transformers| = {err:.2e}"
+    if hf.config.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_rope_matches_numpy():
+    cfg = ModelConfig(head_dim=16, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    pos = torch.arange(50)[None]
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg), pos)
+    # independent numpy reference of llama3 frequency scaling, frequency by frequency
+    hd, s = 16, LLAMA3_SCALING
+    inv = []
+    for i in range(0, hd, 2):
+        f = 1.0 / 500000.0 ** (i / hd)
+        wavelen = 2 * math.pi / f
+        lo, hi = s["original_max_position_embeddings"] / s["low_freq_factor"], s["original_max_position_embeddings"] / s["high_freq_factor"]
+        if wavelen < hi:
+            inv.append(f)
+        elif wavelen > lo:
+            inv.append(f / s["factor"])
+        else:
+            smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+            inv.append((1 - smooth) * f / s["factor"] + smooth * f)
+    ang = np.arange(50)[:, None] * np.array(inv)[None]
+    ang = np.concatenate([ang, ang], axis=1)
+    np.testing.assert_allclose(cos[0].numpy(), np.cos(ang), atol=1e-5)
+    np.testing.assert_allclose(sin[0].numpy(), np.sin(ang), atol=1e-5)
+
+
+def tiny_model(seed=0, **kw):
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **kw)
+    return init_weights(Llama(cfg), seed=seed).eval()
+
+
+def greedy_without_cache(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_generation_equals_recompute():
+    model = tiny_model(initializer_range=0.2)  # larger weights: sharper, less tie-prone argmax
+    prompt = [5, 17, 3, 99, 42, 7]
+    got = generate(model, [prompt], max_new_tokens=12, eos_ids=[1000])  # eos never produced
+    assert got[0] == greedy_without_cache(model, prompt, 12)
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    model = tiny_model(initializer_range=0.2)
+    prompts = [[5, 17, 3, 99, 42, 7, 8, 9], [11, 12], [64, 65, 66, 67, 1]]
+    batch = generate(model, prompts, max_new_tokens=10, eos_ids=[1000], pad_id=0)
+    alone = [generate(model, [p], max_new_tokens=10, eos_ids=[1000])[0] for p in prompts]
+    assert batch == alone
+
+
+def test_generation_stops_at_eos_and_returns_new_tokens_only():
+    model = tiny_model(initializer_range=0.2)
+    prompt = [5, 17, 3]
+    free = generate(model, [prompt], max_new_tokens=8, eos_ids=[1000])[0]
+    eos = free[3]
+    stopped = generate(model, [prompt, prompt + [9]], max_new_tokens=8, eos_ids=[eos, 1001])[0]
+    assert stopped == free[:free.index(eos)]
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    hf, out = make_hf_model(tmp_path, "gqa_tied")
+    ours = load_model(out)
+    prompt = [3, 4, 5, 6, 7]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, min_new_tokens=10)[0, len(prompt):].tolist()
+    assert generate(ours, [prompt], max_new_tokens=10, eos_ids=[1000]) == [ref]
+
+
+def test_sampling_top_p_keeps_only_the_nucleus():
+    model = tiny_model(initializer_range=0.2)
+    prompt = [5, 17, 3]
+    greedy = generate(model, [prompt], max_new_tokens=5, eos_ids=[1000])
+    g = torch.Generator().manual_seed(0)
+    # a nucleus smaller than the top token's probability holds the top token alone
+    assert generate(model, [prompt], 5, [1000], temperature=1.0, top_p=1e-6, generator=g) == greedy
+    s1 = generate(model, [prompt] * 4, 5, [1000], temperature=1.5, generator=torch.Generator().manual_seed(3))
+    s2 = generate(model, [prompt] * 4, 5, [1000], temperature=1.5, generator=torch.Generator().manual_seed(3))
+    assert s1 == s2 and len({tuple(x) for x in s1}) > 1
+
+
+def test_save_model_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(tie_word_embeddings=True)
+    save_model(model, tmp_path / "ck")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        save_model(model, tmp_path / "ck")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model()
+    save_model(model, tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_missing_config(saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json not found"):
+        load_model(saved)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop", r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"),
+    ("extra", r"unexpected tensors \['model.layers.9.mlp.up_proj.weight'\]"),
+    ("shape", r"tensor model.layers.1.mlp.up_proj.weight has shape \(96, 32\)"),
+    ("dtype", r"tensor model.layers.1.mlp.up_proj.weight has dtype torch.int64"),
+])
+def test_bad_tensors_are_named(saved, change, message):
+    f = saved / "model.safetensors"
+    sd = load_file(f)
+    key = "model.layers.1.mlp.up_proj.weight"
+    if change == "drop":
+        del sd[key]
+    elif change == "extra":
+        sd["model.layers.9.mlp.up_proj.weight"] = sd[key].clone()
+    elif change == "shape":
+        sd[key] = sd[key][:, :32].contiguous()
+    else:
+        sd[key] = sd[key].long()
+    save_file(sd, f)
+    before = f.read_bytes()
+    with pytest.raises(ValueError, match=message):
+        load_model(saved)
+    assert f.read_bytes() == before  # nothing the user had is touched
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_act", "gelu", "'hidden_act' = 'gelu' is not supported"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "'rope_type' = 'yarn' is not supported"),
+    ("rope_scaling", {"type": "dynamic", "factor": 4.0}, "'rope_type' = 'dynamic' is not supported"),
+    ("attention_bias", True, "'attention_bias' = True is not supported"),
+    ("model_type", "gpt2", "'model_type' = 'gpt2' is not supported"),
+])
+def test_unsupported_config_is_refused(saved, field, value, message):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg[field] = value
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        load_model(saved)
+
+
+def test_rope_parameters_form_is_read(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    del cfg["rope_theta"], cfg["rope_scaling"]
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, **{k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"}}
+    (saved / "config.json").write_text(json.dumps(cfg))
+    got = ModelConfig.from_hf(saved)
+    assert got.rope_theta == 500000.0 and got.rope_scaling["factor"] == 8.0
+
+
+def test_missing_shard_is_named(tmp_path):
+    _, out = make_hf_model(tmp_path, "gqa_tied", shard=True)
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"shard {shard.name}"):
+        load_model(out)
