@@ -1,0 +1,679 @@
+"""AlignGuard-LoRA: LoRA fine-tuning that keeps a chat model's safety alignment (DESIGN.md section 3).
+
+One vendorable file (torch + safetensors only) that works on any nn.Module with nn.Linear layers,
+our Llama and a transformers LlamaForCausalLM alike:
+
+    from alignguard import AlignGuardConfig, LoRAConfig, add_lora, estimate_fisher, penalties, save_adapter
+    basis = estimate_fisher(model, align_batches, k=32, targets=("q_proj", "v_proj"))  # once, at W0
+    add_lora(model, LoRAConfig(r=8, targets=("q_proj", "v_proj")))                     # base frozen
+    reg, terms = penalties(model, basis, AlignGuardConfig())                           # every step
+    (task_loss + reg).backward()
+    save_adapter(model, "out/adapter", "HuggingFaceTB/SmolLM2-135M-Instruct", LoRAConfig(r=8, targets=("q_proj", "v_proj")))
+
+    python -c "import peft, transformers as t; peft.PeftModel.from_pretrained(t.AutoModelForCausalLM.from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct'), 'out/adapter')"
+    python -m pytest tests/test_alignguard.py -q
+
+Notation, per adapted module: W0 (d_out, d_in) the frozen aligned weight; ΔW = s·B·A with B (d_out, r),
+A (r, d_in), s = alpha/r; Ā = E_t[x xᵀ] (d_in, d_in) and Ḡ = E_t[g gᵀ] (d_out, d_out) the K-FAC factors
+of the Fisher F ≈ Ḡ ⊗ Ā; U_g (d_out, k_g), g and U_a (d_in, k_a), a their top eigenpairs;
+C = U_gᵀ ΔW U_a (k_g, k_a); ΔW_A = U_g C U_aᵀ, ΔW_T = ΔW − ΔW_A. <X, Y> = tr(XᵀY), ||·|| Frobenius.
+Batches are dicts of input_ids (B, T) and labels (B, T) already shifted: labels[b, t] is the token
+position t predicts, -100 where there is no loss (prompt, padding).
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8  # rank of ΔW = s·B·A
+    alpha: float = 16.0  # s = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the input of A, training only
+    targets: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")  # last name component of each adapted nn.Linear; "all-linear": all but lm_head
+    rslora: bool = False  # rsLoRA scaling, keeps the update size stable across ranks
+    init: str = "kaiming"  # A ~ kaiming-uniform (PEFT's default) or "gaussian" N(0, 1/r²); B = 0 always
+
+    def __post_init__(self):
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if self.r < 1 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRAConfig needs r >= 1 and 0 <= dropout < 1, got r={self.r}, dropout={self.dropout}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+@dataclass
+class AlignGuardConfig:
+    k: int = 32  # eigenvectors kept per K-FAC factor (U_g, U_a)
+    fisher: str = "true"  # "true": ŷ sampled from the aligned model; "empirical": ŷ = the data's token
+    lambda_a: float = 1e3  # on Σ R_A (nats); far above 1 because the per-module sum underestimates the KL (DESIGN 3.1)
+    lambda_t: float = 1e-3  # on Σ ||ΔW_T||²: a loose trust region that must not stop the task from being learned
+    lambda_nc: float = 0.1  # on Σ [α E_rm + (1−α) E_geo], each in [0, 1] per module
+    alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
+    beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
+    eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
+
+    def __post_init__(self):
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"AlignGuardConfig.fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if self.k < 1 or not 0 <= self.alpha <= 1 or min(self.lambda_a, self.lambda_t, self.lambda_nc, self.beta) < 0:
+            raise ValueError(f"AlignGuardConfig needs k >= 1, 0 <= alpha <= 1 and non-negative lambdas and beta: {self}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = x W0ᵀ + b + s·B(A(dropout(x))), replacing an nn.Linear in place.
+
+    W0 and b stay under nn.Linear's keys (`weight`, `bias`, frozen) so the base model's state-dict keys
+    do not change; A and B are `lora_A.weight` (r, d_in) and `lora_B.weight` (d_out, r), PEFT's layout.
+    A and B are fp32 whatever the base dtype: they are the trained master weights. ΔW is never formed
+    here: two thin matmuls cost r·(d_in + d_out) per token instead of d_in·d_out.
+    """
+
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter object: ties to other modules survive
+        self.register_parameter("bias", base.bias)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(self.in_features, cfg.r, **kw)
+        self.lora_B = nn.Linear(cfg.r, self.out_features, **kw)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.r, self.scaling = cfg.r, cfg.scaling
+        if cfg.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A.weight, std=1 / cfg.r)
+        nn.init.zeros_(self.lora_B.weight)  # ΔW = 0: training starts exactly at the aligned model
+        self.merged = False  # ΔW has been added into weight (merge_lora)
+        self.disabled = False  # adapter skipped (disable_lora)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged or self.disabled:
+            return y
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (self.scaling * lora).to(y.dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}")
+
+
+def find_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
+    """The nn.Linear (or already adapted LoRALinear) modules whose last name component equals a target.
+
+    Exact component match, not substring: "proj" matches no "o_proj". "all-linear" takes every Linear
+    but lm_head, whose output is the vocabulary. A target that matches nothing is a ValueError.
+    """
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    found, lora_names, suffixes = {}, set(), set()
+    for name, mod in model.named_modules():
+        if not name or name.rpartition(".")[0] in lora_names:
+            continue  # the root cannot be replaced in place; lora_A / lora_B are not targets
+        if isinstance(mod, LoRALinear):
+            lora_names.add(name)
+        elif not isinstance(mod, nn.Linear):
+            continue
+        last = name.rpartition(".")[2]
+        suffixes.add(last)
+        if last in targets or ("all-linear" in targets and last != "lm_head"):
+            found[name] = mod
+    for t in targets:
+        if not any(n.rpartition(".")[2] == t or t == "all-linear" for n in found):
+            raise ValueError(f"LoRA target {t!r} matches no nn.Linear module; their last name components are {sorted(suffixes)}")
+    return found
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or in fp64 if it already is: statistics and penalties never run in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA modules: call add_lora(model, cfg) first")
+    return mods
+
+
+def _check_modules(mods: dict, given: dict, what: str):
+    missing, unknown = sorted(set(mods) - set(given)), sorted(set(given) - set(mods))
+    if missing or unknown:
+        raise ValueError(f"{what} does not match the LoRA modules: missing {missing}, unknown {unknown}")
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Replaces each target nn.Linear by a LoRALinear (B = 0, so the model's output is unchanged) and
+    freezes every parameter but A and B. Returns the adapted module names. A second call is an error,
+    not a second adapter stacked on the first."""
+    if lora_modules(model):
+        raise ValueError(f"the model already has LoRA on {sorted(lora_modules(model))[:4]}...; add_lora twice would stack adapters")
+    found = find_targets(model, cfg.targets)
+    model.requires_grad_(False)
+    for name, lin in found.items():
+        model.set_submodule(name, LoRALinear(lin, cfg))
+    return list(found)
+
+
+def delta_weight(m: LoRALinear) -> torch.Tensor:
+    """ΔW = s·B·A (d_out, d_in), fp32. Materialised for merging and checks only, never in forward."""
+    return m.scaling * (_f32(m.lora_B.weight) @ _f32(m.lora_A.weight))
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module):
+    """W ← W0 + ΔW in every LoRA module (in fp32, then the base dtype), so inference pays nothing.
+    A and B must not change while merged: unmerge_lora subtracts the current ΔW."""
+    for m in lora_modules(model).values():
+        if not m.merged:
+            m.weight.copy_(_f32(m.weight) + delta_weight(m))
+            m.merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module):
+    """W ← W − ΔW, the inverse of merge_lora (exact up to rounding to the base dtype)."""
+    for m in lora_modules(model).values():
+        if m.merged:
+            m.weight.copy_(_f32(m.weight) - delta_weight(m))
+            m.merged = False
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with W0 + ΔW in place of W0 and no lora_* keys; the model is untouched."""
+    sd = dict(model.state_dict())
+    for name, m in lora_modules(model).items():
+        del sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"]
+        if not m.merged:
+            W = sd[f"{name}.weight"]
+            sd[f"{name}.weight"] = (_f32(W) + delta_weight(m)).to(W.dtype)
+    return sd
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module):
+    """Runs the base model W0 inside the block (evaluation before/after without reloading)."""
+    mods = list(lora_modules(model).values())
+    if any(m.merged for m in mods):
+        raise ValueError("cannot disable merged LoRA modules: call unmerge_lora(model) first")
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(mods, before):
+            m.disabled = d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fisher information of the aligned model (DESIGN 3.1), computed once before training
+
+
+@dataclass
+class FisherBasis:
+    U_g: torch.Tensor  # (d_out, k_g) top eigenvectors of Ḡ, eigenvalues descending
+    g: torch.Tensor  # (k_g,) their eigenvalues
+    U_a: torch.Tensor  # (d_in, k_a) top eigenvectors of Ā
+    a: torch.Tensor  # (k_a,)
+    n_tokens: int  # loss tokens Ā and Ḡ were averaged over
+    w0_norm: float  # ||W0||_F at estimation: load_fisher refuses other weights with it
+
+    def to(self, device, dtype=None) -> "FisherBasis":
+        return replace(self, **{f: getattr(self, f).to(device, dtype) for f in ("U_g", "g", "U_a", "a")})
+
+
+def default_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    """logits (B, T, V) = model(input_ids), taking `.logits` from a transformers output."""
+    out = model(batch["input_ids"])
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _log_likelihood(model, batch, forward, sample: bool, generator):
+    """S = Σ_{t: labels_t ≠ -100} log p(ŷ_t | context), ŷ_t ~ p(· | context) if sample else labels_t.
+    Returns (mask (B, T) of loss positions, S)."""
+    logits = forward(model, batch)  # (B, T, V)
+    mask = batch["labels"] != -100
+    assert logits.shape[:2] == mask.shape, f"logits {tuple(logits.shape)} do not match labels {tuple(mask.shape)}"
+    logp = F.log_softmax(_f32(logits[mask]), dim=-1)  # (N, V), fp32 so the sampling and the sum do not round
+    if sample:  # the model's own predictions: the true Fisher, not the data's
+        y = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
+    else:
+        y = batch["labels"][mask]
+    return mask, logp.gather(1, y[:, None]).sum()
+
+
+@contextlib.contextmanager
+def _recording(mods: dict[str, nn.Module]):
+    """Forward hooks that record (input x, output y) of every call of the given modules."""
+    calls = {n: [] for n in mods}
+
+    def hook(name):
+        def record(mod, inputs, y):
+            if not y.requires_grad:  # a frozen model builds no graph; a leaf that requires grad starts it here
+                y.requires_grad_(True)
+            calls[name].append((inputs[0].detach(), y))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _per_call_grads(model, batches, mods, forward, sample, generator):
+    """For each batch: (mask, {name: [(x, ∂S/∂y), ...] per call}) at W0 in eval mode, S from _log_likelihood.
+    ∂S/∂y comes from torch.autograd.grad, so no weight gradient is ever allocated."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # the aligned model's own predictive distribution: no dropout noise
+    try:
+        with disable_lora(model), _recording(mods) as calls, torch.enable_grad():
+            for batch in batches:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                mask, S = _log_likelihood(model, batch, forward, sample, generator)
+                ys = [y for c in calls.values() for _, y in c]
+                grads = iter(torch.autograd.grad(S, ys, materialize_grads=True))
+                yield mask, {n: [(x, next(grads)) for x, _ in c] for n, c in calls.items()}
+                for c in calls.values():
+                    c.clear()
+    finally:
+        model.train(was_training)
+
+
+def _all_reduce(*ts: torch.Tensor):
+    """Sums over ranks under torch.distributed (torchrun), so every rank divides the same totals."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in ts:
+            torch.distributed.all_reduce(t)
+
+
+def _fisher_modules(model, targets) -> dict[str, nn.Module]:
+    mods = lora_modules(model) if targets is None else find_targets(model, targets)
+    if not mods:
+        raise ValueError("the model has no LoRA modules: pass targets=(...) to choose its nn.Linear modules")
+    return mods
+
+
+def kfac_factors(model: nn.Module, batches, kind: str = "true", forward=None, generator=None,
+                 targets=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """K-FAC factors of the aligned model's Fisher, exact averages over the N loss tokens:
+
+        Ā = Σ_t x_t x_tᵀ / N  (d_in, d_in),   Ḡ = Σ_t g_t g_tᵀ / N  (d_out, d_out),
+        g_t = ∂S/∂y_t,   S = Σ_{t ∈ loss} log p(ŷ_t | context),
+
+    x_t, y_t the module's input and output at token t, ŷ_t sampled from the model ("true") or the
+    label ("empirical"). S is a sum, not a mean, so g_t is the per-token gradient. Only loss positions
+    (labels ≠ -100: response tokens) enter Ā and Ḡ. In a transformer g_t also carries gradient from
+    later tokens through attention: the standard K-FAC-for-sequences choice. Evaluated at W0 (LoRA
+    disabled, eval mode); sums in fp64, all-reduced across ranks before dividing. Modules: the LoRA
+    modules, or with targets= the matching nn.Linear modules of a model without LoRA (same names).
+    Returns {name: (Ā, Ḡ, N)}.
+    """
+    if kind not in ("true", "empirical"):
+        raise ValueError(f"Fisher kind must be 'true' or 'empirical', got {kind!r}")
+    mods = _fisher_modules(model, targets)
+    f64 = dict(dtype=torch.float64, device=next(model.parameters()).device)
+    sums = {n: (torch.zeros(m.in_features, m.in_features, **f64), torch.zeros(m.out_features, m.out_features, **f64),
+                torch.zeros((), **f64)) for n, m in mods.items()}
+    for mask, calls in _per_call_grads(model, batches, mods, forward or default_forward, kind == "true", generator):
+        for n, c in calls.items():
+            A_sum, G_sum, N = sums[n]
+            for x, g in c:
+                assert x.shape[:-1] == mask.shape, f"{n}: input {tuple(x.shape)} is not (B, T, d_in) with labels {tuple(mask.shape)}"
+                x, g = _f32(x[mask]), _f32(g[mask])  # (N_b, d_in), (N_b, d_out): loss tokens only
+                A_sum += (x.T @ x).double()
+                G_sum += (g.T @ g).double()
+                N += x.shape[0]
+    out = {}
+    for n, (A_sum, G_sum, N) in sums.items():
+        _all_reduce(A_sum, G_sum, N)
+        if N == 0:
+            raise ValueError("the Fisher batches hold no loss tokens (labels != -100)")
+        out[n] = (A_sum / N, G_sum / N, int(N))
+    return out
+
+
+def eig_topk(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs (U, λ) of a symmetric PSD factor, λ descending, k clamped to the dimension.
+    eigh runs in fp64: the small eigenvalues of a token second moment sit near fp32 rounding."""
+    vals, vecs = torch.linalg.eigh(M.double())  # ascending
+    k = min(k, M.shape[0])
+    return vecs[:, -k:].flip(1), vals[-k:].flip(0).clamp_min(0)  # PSD: a negative value is rounding
+
+
+def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forward=None, generator=None,
+                    targets=None) -> dict[str, FisherBasis]:
+    """Per module, F ≈ Ḡ ⊗ Ā (kfac_factors) kept as top-k eigenpairs: Ḡ ≈ U_g diag(g) U_gᵀ,
+    Ā ≈ U_a diag(a) U_aᵀ, so the Fisher's eigenpairs are (g_i·a_j, u_g,i ⊗ u_a,j). Stored in fp32 on
+    the module's device, which is all the penalties need."""
+    factors = kfac_factors(model, batches, kind, forward, generator, targets)
+    named = dict(model.named_modules())
+    basis = {}
+    for n, (A_bar, G_bar, N) in factors.items():
+        W = named[n].weight
+        (U_g, g), (U_a, a) = eig_topk(G_bar, k), eig_topk(A_bar, k)
+        basis[n] = FisherBasis(U_g, g, U_a, a, N, W.float().norm().item()).to(W.device, _f32(W).dtype)
+    return basis
+
+
+def _atomic_write(path, write):
+    """write(tmp) then os.replace: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_fisher(path, basis: dict[str, FisherBasis], meta: dict):
+    """Safetensors `<module>.U_g`, `.g`, `.U_a`, `.a` plus a JSON header: per module its weight shape
+    (d_out, d_in), N and ||W0||_F, and the caller's meta, e.g. {"k": 32, "kind": "true", "data_hash": h},
+    so that load_fisher can refuse a basis made for another model, other weights or other data."""
+    tensors, modules = {}, {}
+    for n, fb in basis.items():
+        for f in ("U_g", "g", "U_a", "a"):
+            tensors[f"{n}.{f}"] = getattr(fb, f).detach().float().cpu().contiguous()
+        modules[n] = {"shape": [fb.U_g.shape[0], fb.U_a.shape[0]], "n_tokens": fb.n_tokens, "w0_norm": fb.w0_norm}
+    header = json.dumps({"modules": modules, "meta": meta}, sort_keys=True)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"alignguard_fisher": header}))
+
+
+def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None) -> dict[str, FisherBasis]:
+    """Inverse of save_fisher. ValueError naming the mismatch when a key of `expect` differs from the saved
+    meta, or, given `model`: a module is missing or has another weight shape, its ||W0||_F differs by more
+    than 1e-3 relative (other weights), or the model's LoRA modules are not the basis's modules.
+    Tensors go to each module's device."""
+    with safe_open(str(path), framework="pt") as f:
+        header = (f.metadata() or {}).get("alignguard_fisher")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if header is None:
+        raise ValueError(f"{path} is not an AlignGuard Fisher basis: no 'alignguard_fisher' metadata")
+    info = json.loads(header)
+    for key, want in (expect or {}).items():
+        if info["meta"].get(key) != want:
+            raise ValueError(f"{path}: the Fisher basis was made with {key}={info['meta'].get(key)!r}, expected {want!r}")
+    basis = {n: FisherBasis(*(tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a")), d["n_tokens"], d["w0_norm"])
+             for n, d in info["modules"].items()}
+    if model is None:
+        return basis
+    adapted, named = lora_modules(model), dict(model.named_modules())
+    if adapted:
+        _check_modules(adapted, basis, f"the Fisher basis in {path}")
+    for n, fb in basis.items():
+        m, shape = named.get(n), info["modules"][n]["shape"]
+        if not isinstance(m, (nn.Linear, LoRALinear)):
+            raise ValueError(f"{path}: module {n!r} of the Fisher basis is not a Linear layer of this model")
+        if list(m.weight.shape) != shape:
+            raise ValueError(f"{path}: module {n!r} has weight shape {list(m.weight.shape)}, the basis was made for {shape}")
+        norm = m.weight.float().norm().item()
+        if abs(norm - fb.w0_norm) > 1e-3 * fb.w0_norm:
+            raise ValueError(f"{path}: module {n!r} has ||W0|| = {norm:.6g}, the basis was estimated at {fb.w0_norm:.6g}: other weights")
+        basis[n] = fb.to(m.weight.device)
+    return basis
+
+
+def diag_fisher(model: nn.Module, batches, forward=None, targets=None) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher in weight space at W0, for the EWC baseline (DESIGN 3.4):
+
+        F_diag = (1/M) Σ_m (∂ log p(example m) / ∂W)²  (d_out, d_in),  log p(example) = Σ_{t ∈ loss} log p(label_t),
+
+    M the examples (rows with a loss token). Per-example gradients from hooks, ∂/∂W = Σ_t g_t x_tᵀ over
+    all positions t of the row (a prompt token's output feeds later loss tokens), never the square of a
+    batch gradient: (Σ_m ∇_m)² ≠ Σ_m ∇_m². Rows of a batch must not interact, as in a transformer.
+    """
+    mods = _fisher_modules(model, targets)
+    sums = {n: _f32(torch.zeros_like(m.weight)) for n, m in mods.items()}
+    M = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for mask, calls in _per_call_grads(model, batches, mods, forward or default_forward, False, None):
+        for n, c in calls.items():  # one module at a time: (B, d_out, d_in) lives for one module only
+            per_example = sum(torch.einsum("b...o,b...i->boi", _f32(g), _f32(x)) for x, g in c)  # (B, d_out, d_in)
+            sums[n] += per_example.pow(2).sum(0)
+        M += mask.any(1).sum()
+    _all_reduce(M, *sums.values())
+    if M == 0:
+        raise ValueError("the Fisher batches hold no loss tokens (labels != -100)")
+    return {n: s / M.to(s.dtype) for n, s in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decomposition (DESIGN 3.2) and penalties (3.3), all in fp32 (fp64 for fp64 inputs) whatever the autocast
+
+
+def lora_split(A, B, s, U_g, U_a):
+    """ΔW = s·B·A split along the Fisher basis in factors only, nothing (d_out, d_in):
+
+        C = U_gᵀ ΔW U_a = s·(U_gᵀB)(A U_a)             (k_g, k_a)
+        X = U_gᵀ ΔW_T = s·(U_gᵀB)A − C U_aᵀ            (k_g, d_in)
+        Y = ΔW_T U_a = s·B(A U_a) − U_g C              (d_out, k_a)
+        ||ΔW_T||² = ||s·(B − U_g U_gᵀB)A||² + ||X||²     (ΔW_T = (I − P_g)ΔW + U_g X, orthogonal parts)
+
+    Assumes U_gᵀU_g = U_aᵀU_a = I. ||ΔW_T||² equals ||ΔW||² − ||C||², but the sum of squares avoids that
+    difference's cancellation when ΔW lies almost inside the subspace. Returns (C, X, Y, ||ΔW_T||²).
+    """
+    P, Q = U_g.T @ B, A @ U_a  # (k_g, r), (r, k_a)
+    C = s * P @ Q
+    X = s * P @ A - C @ U_a.T
+    Y = s * B @ Q - U_g @ C
+    B_perp = B - U_g @ P  # (d_out, r), columns of B outside span(U_g)
+    dWT_sq = s**2 * ((B_perp.T @ B_perp) * (A @ A.T)).sum() + X.pow(2).sum()  # ||B_perp A||² = <B_perpᵀB_perp, AAᵀ>
+    return C, X, Y, dWT_sq
+
+
+def dense_split(A, B, s, U_g, U_a):
+    """The split materialised, (d_out, d_in) each: ΔW = s·B·A, ΔW_A = U_g C U_aᵀ, ΔW_T = ΔW − ΔW_A."""
+    dW = s * B @ A
+    dW_A = U_g @ (s * (U_g.T @ B) @ (A @ U_a)) @ U_a.T
+    return dW, dW_A, dW - dW_A
+
+
+def e_rm(A, B, s, U_g, U_a, beta, eps):
+    """E_rm = Σ_ij ρ_ij |ΔW_A,ij ΔW_T,ij| / (Σ_ij ρ_ij (ΔW_A,ij² + ΔW_T,ij²)/2 + ε)  in [0, 1],
+    ρ_ij = 1 + β·sigmoid((|ΔW_ij| − τ)/τ), τ = RMS(ΔW): large coordinates weigh more. ρ is a constant
+    weight (computed without grad). ε: at B = 0 the ratio is 0/0."""
+    dW, dW_A, dW_T = dense_split(A, B, s, U_g, U_a)
+    with torch.no_grad():
+        tau = dW.pow(2).mean().sqrt().clamp_min(torch.finfo(dW.dtype).tiny)  # τ = 0 only where ΔW = 0
+        rho = 1 + beta * torch.sigmoid((dW.abs() - tau) / tau)
+    return (rho * (dW_A * dW_T).abs()).sum() / (0.5 * (rho * (dW_A.pow(2) + dW_T.pow(2))).sum() + eps)
+
+
+def module_penalties(A, B, s: float, fb: FisherBasis, beta: float = 1.0, eps: float = 1e-8,
+                     rm_grad: bool = True) -> dict[str, torch.Tensor]:
+    """The terms of one module, in fp32 (fp64 for fp64 A) under any autocast:
+
+        R_A   = ½ Σ_ij g_i a_j C_ij²  = ½ vec(ΔW_A)ᵀ (Ḡ ⊗ Ā) vec(ΔW_A)   (nats)
+        R_T   = ||ΔW_T||²
+        E_geo = ½ (||ΔW_Aᵀ ΔW_T||² + ||ΔW_A ΔW_Tᵀ||²) / (||ΔW_A||² ||ΔW_T||² + ε)
+              = ½ (||Cᵀ X||² + ||C Yᵀ||²) / (||C||² ||ΔW_T||² + ε)   as ΔW_Aᵀ ΔW_T = U_a Cᵀ X, ΔW_A ΔW_Tᵀ = U_g C Yᵀ
+        E_rm  = e_rm, under activation checkpointing: its (d_out, d_in) matrices are rebuilt in backward,
+                so the memory saved for backward does not grow with the number of modules
+        cos_literal = <ΔW_A, ΔW_T>² / (||ΔW_A||² ||ΔW_T||² + ε), no grad, must stay ~0.
+
+    cos_literal does not assume UᵀU = I as the other terms do: <ΔW_A, ΔW> = ||C||² always and
+    ||ΔW_A||² = <(U_gᵀU_g) C (U_aᵀU_a), C>, so it is ~0 exactly when the basis is orthonormal and flags a
+    corrupted one. With rm_grad=False E_rm is evaluated without autograd, a logged value only.
+    """
+    with torch.autocast(A.device.type, enabled=False):
+        A, B = _f32(A), _f32(B)
+        fb = fb.to(A.device, A.dtype)
+        C, X, Y, dWT_sq = lora_split(A, B, s, fb.U_g, fb.U_a)
+        dWA_sq = C.pow(2).sum()
+        R_A = 0.5 * (fb.g[:, None] * fb.a[None, :] * C.pow(2)).sum()
+        E_geo = 0.5 * ((C.T @ X).pow(2).sum() + (C @ Y.T).pow(2).sum()) / (dWA_sq * dWT_sq + eps)
+        args = (A, B, s, fb.U_g, fb.U_a, beta, eps)
+        if rm_grad and torch.is_grad_enabled():
+            E_rm = checkpoint(e_rm, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            with torch.no_grad():
+                E_rm = e_rm(*args)
+        with torch.no_grad():
+            lit_A = ((fb.U_g.T @ fb.U_g) @ C @ (fb.U_a.T @ fb.U_a) * C).sum()  # ||ΔW_A||²
+            lit_T = s**2 * ((B.T @ B) * (A @ A.T)).sum() - 2 * dWA_sq + lit_A  # ||ΔW − ΔW_A||²
+            cos = (dWA_sq - lit_A) ** 2 / (lit_A * lit_T + eps)  # <ΔW_A, ΔW_T> = <ΔW_A, ΔW> − ||ΔW_A||²
+    return {"R_A": R_A, "R_T": dWT_sq, "E_rm": E_rm, "E_geo": E_geo, "cos_literal": cos}
+
+
+def penalties(model: nn.Module, basis: dict[str, FisherBasis], cfg: AlignGuardConfig):
+    """L_reg = λ_A Σ_ℓ R_A + λ_T Σ_ℓ R_T + λ_NC Σ_ℓ [α E_rm + (1−α) E_geo]  (DESIGN 3.3; L = L_task + L_reg).
+
+    Returns (L_reg, terms): terms holds the five sums over modules (module_penalties), with grad except
+    cos_literal. When λ_NC·α = 0, E_rm is only evaluated for the log (no autograd, no recomputation)."""
+    mods = _adapted(model)
+    _check_modules(mods, basis, "the Fisher basis")
+    terms = {}
+    for n, m in mods.items():
+        t = module_penalties(m.lora_A.weight, m.lora_B.weight, m.scaling, basis[n], cfg.beta, cfg.eps,
+                             rm_grad=cfg.lambda_nc * cfg.alpha > 0)
+        terms = {key: terms.get(key, 0) + v for key, v in t.items()}
+    total = (cfg.lambda_a * terms["R_A"] + cfg.lambda_t * terms["R_T"]
+             + cfg.lambda_nc * (cfg.alpha * terms["E_rm"] + (1 - cfg.alpha) * terms["E_geo"]))
+    return total, terms
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ_ℓ ||ΔW||² = Σ_ℓ s²·<BᵀB, AAᵀ> (r x r Gram matrices), the proximal anchor of --method l2, fp32."""
+    total = 0
+    for m in _adapted(model).values():
+        with torch.autocast(m.lora_A.weight.device.type, enabled=False):
+            A, B = _f32(m.lora_A.weight), _f32(m.lora_B.weight)
+            total = total + m.scaling**2 * ((B.T @ B) * (A @ A.T)).sum()
+    return total
+
+
+def _ewc_term(A, B, s, F_diag):
+    return 0.5 * (F_diag * (s * B @ A).pow(2)).sum()
+
+
+def ewc_penalty(model: nn.Module, F_diag: dict[str, torch.Tensor]) -> torch.Tensor:
+    """½ Σ_ℓ Σ_ij F_diag,ij ΔW_ij² (EWC anchored at W0; F_diag from diag_fisher), fp32. ΔW is rebuilt in
+    backward (checkpointing), so the memory saved for backward does not grow with the number of modules."""
+    mods = _adapted(model)
+    _check_modules(mods, F_diag, "the diagonal Fisher")
+    total = 0
+    for n, m in mods.items():
+        with torch.autocast(m.lora_A.weight.device.type, enabled=False):
+            args = (_f32(m.lora_A.weight), _f32(m.lora_B.weight), m.scaling, _f32(F_diag[n]))
+            total = total + checkpoint(_ewc_term, *args, use_reentrant=False, preserve_rng_state=False)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: PEFT-format adapter directory
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "alignguard.json")
+_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+def _write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    _atomic_write(path, write)
+
+
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str, lora_cfg: LoRAConfig,
+                 meta: dict | None = None, overwrite: bool = False):
+    """Writes a PEFT LoRA adapter that peft.PeftModel.from_pretrained loads: adapter_model.safetensors with
+    `base_model.model.<module>.lora_A.weight` (r, d_in) and `.lora_B.weight` (d_out, r) in fp32,
+    adapter_config.json, and AlignGuard's own metadata (λ's, k, Fisher kind, data hash: `meta`) in
+    alignguard.json. Each file is written atomically, adapter_config.json last; a directory that already
+    holds an adapter is refused unless overwrite=True."""
+    mods = _adapted(model)
+    bad = [n for n, m in mods.items() if m.r != lora_cfg.r or not math.isclose(m.scaling, lora_cfg.scaling)]
+    if bad:
+        raise ValueError(f"lora_cfg (r={lora_cfg.r}, alpha={lora_cfg.alpha}, rslora={lora_cfg.rslora}) does not "
+                         f"describe the adapters of {bad[:3]} (r={mods[bad[0]].r}, s={mods[bad[0]].scaling:g})")
+    os.makedirs(out_dir, exist_ok=True)
+    existing = [f for f in ADAPTER_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds an adapter ({', '.join(existing)}); pass overwrite=True to replace it")
+    tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().float().cpu().contiguous()
+               for n, m in mods.items() for ab in "AB"}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": lora_cfg.r, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
+        "use_rslora": lora_cfg.rslora, "target_modules": sorted({n.rpartition(".")[2] for n in mods}),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_dora": False,
+        "init_lora_weights": True if lora_cfg.init == "kaiming" else "gaussian",
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+    _atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_json(os.path.join(out_dir, "alignguard.json"),
+                {"lora": asdict(lora_cfg), "adapted_modules": list(mods), "meta": meta or {}})
+    _write_json(os.path.join(out_dir, "adapter_config.json"), config)
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
+    """Reads a LoRA adapter written by save_adapter or peft's save_pretrained into model. A model without
+    LoRA gets add_lora with the file's r, lora_alpha, lora_dropout, use_rslora on the module suffixes the
+    file names. Key sets, shapes and scaling are checked; errors name the file and the tensor. DoRA, bias
+    training and per-module rank/alpha patterns are refused. Returns the adapted module names."""
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    with open(cfg_path) as f:
+        c = json.load(f)
+    for key, ok in {"peft_type": "LORA", "bias": "none", "use_dora": False, "fan_in_fan_out": False,
+                    "rank_pattern": {}, "alpha_pattern": {}}.items():
+        if (c.get(key) or ok) != ok:
+            raise ValueError(f"{cfg_path}: {key}={c[key]!r} is not supported (only {ok!r})")
+    tensors = load_file(st_path)
+    names = set()
+    for key in tensors:
+        match = _PEFT_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{st_path}: tensor {key!r} is not base_model.model.<module>.lora_A|lora_B.weight")
+        names.add(match[1])
+    cfg = LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
+                     rslora=bool(c.get("use_rslora")), targets=tuple(sorted({n.rpartition(".")[2] for n in names})))
+    if not lora_modules(model):
+        add_lora(model, cfg)
+    mods = lora_modules(model)
+    if any(m.merged for m in mods.values()) or any(not math.isclose(m.scaling, cfg.scaling) for m in mods.values()):
+        raise ValueError(f"{cfg_path}: the model's LoRA modules are merged or have another scaling than s = {cfg.scaling:g}")
+    params = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight for n, m in mods.items() for ab in "AB"}
+    missing, unknown = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+    if missing or unknown:
+        raise ValueError(f"{st_path} does not match the model's LoRA modules: missing {missing}, unknown {unknown}")
+    for key, p in params.items():
+        if tensors[key].shape != p.shape:
+            raise ValueError(f"{st_path}: {key} has shape {list(tensors[key].shape)}, the model expects {list(p.shape)}")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
+    return list(mods)

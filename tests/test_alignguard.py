@@ -1,0 +1,542 @@
+"""alignguard.py against independent references: brute-force Fisher, dense matrices, gradcheck, PEFT.
+
+    python -m pytest tests/test_alignguard.py -q
+"""
+
+import copy
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, add_lora, delta_weight, dense_split, diag_fisher,
+                        disable_lora, eig_topk, estimate_fisher, ewc_penalty, kfac_factors, l2_penalty, load_adapter,
+                        load_fisher, lora_modules, lora_parameters, lora_split, merge_lora, merged_state_dict,
+                        module_penalties, penalties, save_adapter, save_fisher, unmerge_lora)
+
+f64 = torch.float64
+
+
+def mlp(d=8, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(q_proj=nn.Linear(d, d), act=nn.Tanh(), o_proj=nn.Linear(d, d, bias=False),
+                                     lm_head=nn.Linear(d, 5)))
+
+
+def randomize_B(model, seed=1, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(std * torch.randn(m.lora_B.weight.shape, generator=g))
+
+
+def orthonormal(d, k, seed=0, dtype=f64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=dtype))[0]
+
+
+def random_basis(d_out, d_in, k, seed=0, dtype=f64):
+    g = torch.Generator().manual_seed(seed + 100)
+    return FisherBasis(orthonormal(d_out, k, seed, dtype), torch.rand(k, generator=g, dtype=dtype),
+                       orthonormal(d_in, k, seed + 1, dtype), torch.rand(k, generator=g, dtype=dtype), 1, 1.0)
+
+
+def causal_mean(h):
+    return h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]  # (B, T, h)
+
+
+class Tiny(nn.Module):
+    """Embedding, two Linear layers with a causal mixing step between them, output head."""
+
+    def __init__(self, V=11, d=6, h=5):
+        super().__init__()
+        self.emb, self.up, self.down, self.lm_head = nn.Embedding(V, d), nn.Linear(d, h), nn.Linear(h, d), nn.Linear(d, V)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        return self.lm_head(x + self.down(causal_mean(torch.tanh(self.up(x)))))
+
+
+def tiny_by_hand(model, ids):
+    """Tiny's forward written out, the outputs of up and down exposed: {name: (input, output)}."""
+    x = model.emb(ids).detach()
+    u = F.linear(x, model.up.weight, model.up.bias).detach().requires_grad_()
+    h = causal_mean(torch.tanh(u))
+    v = F.linear(h, model.down.weight, model.down.bias)
+    return model.lm_head(x + v), {"up": (x, u), "down": (h, v)}
+
+
+def tiny_batches(V=11):
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for B, T in ((2, 5), (3, 4)):
+        ids = torch.randint(0, V, (B, T), generator=g)
+        labels = torch.randint(0, V, (B, T), generator=g)
+        labels[:, :2] = -100  # prompt positions
+        labels[0, -1] = -100  # padding
+        out.append({"input_ids": ids, "labels": labels})
+    out[1]["labels"][2] = -100  # an example without any loss token
+    return out
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return Tiny().double()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_b_zero_gives_base_output_and_disable_restores_it():
+    base = mlp()
+    model = copy.deepcopy(base)
+    assert add_lora(model, LoRAConfig(r=4, targets=("q_proj", "o_proj"))) == ["q_proj", "o_proj"]
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), base(x))
+    assert set(base.state_dict()) < set(model.state_dict())  # base keys unchanged, lora keys added
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "q_proj.lora_A.weight", "q_proj.lora_B.weight", "o_proj.lora_A.weight", "o_proj.lora_B.weight"}
+    assert model.q_proj.lora_A.weight.shape == (4, 8) and model.q_proj.lora_B.weight.shape == (8, 4)
+    randomize_B(model)
+    assert not torch.allclose(model(x), base(x))
+    with disable_lora(model):
+        assert torch.equal(model(x), base(x))
+    assert not torch.allclose(model(x), base(x))
+
+
+def test_merge_equals_unmerged_and_round_trips():
+    base = mlp()
+    model = copy.deepcopy(base)
+    cfg = LoRAConfig(r=4, alpha=8.0, targets=("q_proj", "o_proj"))
+    add_lora(model, cfg)
+    randomize_B(model)
+    x = torch.randn(3, 8)
+    y = model(x)
+    W_q = base.q_proj.weight + 2.0 * model.q_proj.lora_B.weight @ model.q_proj.lora_A.weight  # s = 8/4
+    sd = merged_state_dict(model)
+    assert set(sd) == set(base.state_dict())
+    torch.testing.assert_close(sd["q_proj.weight"], W_q)
+    assert torch.equal(model.q_proj.weight, base.q_proj.weight), "merged_state_dict changed the model"
+    fresh = copy.deepcopy(base)
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh(x), y)
+
+    merge_lora(model)
+    torch.testing.assert_close(model.q_proj.weight, W_q)
+    torch.testing.assert_close(model(x), y)
+    with pytest.raises(ValueError, match="unmerge"):
+        with disable_lora(model):
+            pass
+    unmerge_lora(model)
+    for name in ("q_proj", "o_proj"):
+        torch.testing.assert_close(getattr(model, name).weight, getattr(base, name).weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), y)
+
+
+def test_bf16_base_keeps_fp32_lora_weights():
+    model = mlp().to(torch.bfloat16)
+    add_lora(model, LoRAConfig(r=4, targets="all-linear", init="gaussian"))
+    randomize_B(model)
+    assert all(p.dtype == torch.float32 for p in lora_parameters(model))
+    assert model(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_targets_are_exact_suffixes_and_add_lora_twice_errors():
+    with pytest.raises(ValueError, match="'proj' matches no"):
+        add_lora(mlp(), LoRAConfig(targets=("proj",)))
+    model = nn.Sequential(OrderedDict(o_proj=nn.Linear(4, 4), xo_proj=nn.Linear(4, 4), lm_head=nn.Linear(4, 4)))
+    assert add_lora(copy.deepcopy(model), LoRAConfig(r=2, targets=("o_proj",))) == ["o_proj"]
+    assert add_lora(model, LoRAConfig(r=2, targets="all-linear")) == ["o_proj", "xo_proj"]
+    with pytest.raises(ValueError, match="already has LoRA"):
+        add_lora(model, LoRAConfig(r=2, targets=("o_proj",)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fisher
+
+
+def brute_force_factors(model, batches):
+    """Ā, Ḡ by an explicit loop over loss tokens, g_t from autograd on the hand-written forward."""
+    ref = {n: [0, 0, 0] for n in ("up", "down")}
+    for b in batches:
+        logits, io = tiny_by_hand(model, b["input_ids"])
+        mask = b["labels"] != -100
+        logp = F.log_softmax(logits, -1)
+        S = logp[mask].gather(1, b["labels"][mask][:, None]).sum()
+        grads = torch.autograd.grad(S, [io["up"][1], io["down"][1]])
+        for (n, (x, _)), g in zip(io.items(), grads):
+            for i, t in mask.nonzero().tolist():
+                ref[n][0] += torch.outer(x[i, t], x[i, t])
+                ref[n][1] += torch.outer(g[i, t], g[i, t])
+                ref[n][2] += 1
+    return {n: (A / N, G / N, N) for n, (A, G, N) in ref.items()}
+
+
+def test_kfac_factors_equal_token_wise_second_moments():
+    base, batches = tiny(), tiny_batches()
+    ref = brute_force_factors(base, batches)
+    ours = kfac_factors(base, batches, kind="empirical", targets=("up", "down"))
+    model = copy.deepcopy(base)  # with LoRA and B != 0: still the Fisher at W0
+    add_lora(model, LoRAConfig(r=2, targets=("up", "down")))
+    randomize_B(model)
+    with_lora = kfac_factors(model, batches, kind="empirical")
+    for n in ("up", "down"):
+        assert ours[n][2] == with_lora[n][2] == ref[n][2] == 8, (ours[n][2], ref[n][2])
+        for i in (0, 1):
+            torch.testing.assert_close(ours[n][i], ref[n][i], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(with_lora[n][i], ref[n][i], rtol=1e-10, atol=1e-12)
+
+    true1 = kfac_factors(base, batches, "true", generator=torch.Generator().manual_seed(0), targets=("up", "down"))
+    true2 = kfac_factors(base, batches, "true", generator=torch.Generator().manual_seed(0), targets=("up", "down"))
+    torch.testing.assert_close(true1["up"][0], ref["up"][0])  # Ā does not depend on ŷ
+    assert torch.equal(true1["up"][1], true2["up"][1]), "true Fisher is not reproducible with a seeded generator"
+    assert not torch.allclose(true1["up"][1], ref["up"][1]), "true Fisher did not sample ŷ"
+
+    basis = estimate_fisher(base, batches, k=100, kind="empirical", targets=("up", "down"))
+    fb = basis["up"]
+    assert fb.U_g.shape == (5, 5) and fb.U_a.shape == (6, 6), "k must clamp to the factor dimensions"
+    assert torch.all(fb.g[:-1] >= fb.g[1:]) and torch.all(fb.a[:-1] >= fb.a[1:]), "eigenvalues not descending"
+    torch.testing.assert_close(fb.U_g @ torch.diag(fb.g) @ fb.U_g.T, ref["up"][1])
+    torch.testing.assert_close(fb.U_a.T @ fb.U_a, torch.eye(6, dtype=f64))
+    fb3 = estimate_fisher(base, batches, k=3, kind="empirical", targets=("up", "down"))["up"]
+    torch.testing.assert_close(fb3.g, fb.g[:3])
+
+
+def test_kfac_is_the_exact_fisher_of_one_linear_softmax_layer_and_R_A_is_the_kl():
+    d, V = 4, 6
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, V, bias=False)).double()
+    x = torch.randn(d, dtype=f64)
+    forward = lambda m, b: m(x.expand(*b["input_ids"].shape, d))  # (B, T, V), every token reads x
+    W0 = model[0].weight.detach()
+    p = torch.softmax(W0 @ x, 0)
+
+    F_exact = torch.zeros(V * d, V * d, dtype=f64)  # E_y~p[∇ log p(y) ∇ log p(y)ᵀ], y enumerated
+    G_exact, F_kfac = 0, 0
+    for y in range(V):
+        W = W0.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(torch.log_softmax(W @ x, 0)[y], W)
+        F_exact += p[y] * torch.outer(grad.flatten(), grad.flatten())
+        batch = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.tensor([[y]])}
+        ((A_bar, G_bar, N),) = kfac_factors(model, [batch], "empirical", forward, targets=("0",)).values()
+        F_kfac = F_kfac + p[y] * torch.kron(G_bar, A_bar)
+        G_exact = G_exact + p[y] * G_bar
+    torch.testing.assert_close(F_kfac, F_exact, rtol=1e-10, atol=1e-14)
+
+    many = {"input_ids": torch.zeros(1, 20000, dtype=torch.long), "labels": torch.zeros(1, 20000, dtype=torch.long)}
+    ((_, G_true, N),) = kfac_factors(model, [many], "true", forward, torch.Generator().manual_seed(0), ("0",)).values()
+    err = (G_true - G_exact).norm() / G_exact.norm()
+    assert N == 20000 and err < 0.05, f"sampled Ḡ is {err:.3f} (relative) from E_y~p[g gᵀ]"
+
+    dW = 1e-3 * torch.randn(V, d, dtype=f64)
+    p1 = torch.softmax((W0 + dW) @ x, 0)
+    kl = (p * (p.log() - p1.log())).sum()
+    quad = 0.5 * dW.flatten() @ F_exact @ dW.flatten()
+    fb = FisherBasis(*eig_topk(G_exact, V), *eig_topk(torch.outer(x, x), d), 1, 1.0)
+    R_A = module_penalties(torch.eye(d, dtype=f64), dW, 1.0, fb)["R_A"]  # ΔW = B·A with A = I
+    for name, val in (("½ vec(ΔW)ᵀ F vec(ΔW)", quad), ("R_A", R_A)):
+        assert abs(val / kl - 1) < 0.01, f"{name} = {val:.4e} vs KL = {kl:.4e}"
+
+
+def test_diag_fisher_equals_per_example_loop():
+    base, batches = tiny(), tiny_batches()
+    model = copy.deepcopy(base)
+    add_lora(model, LoRAConfig(r=2, targets=("up", "down")))
+    randomize_B(model)  # the diagonal Fisher is taken at W0 regardless
+    ours = diag_fisher(model, batches)
+    ref, M = {"up": 0, "down": 0}, 0
+    Ws = [base.up.weight, base.down.weight]
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            mask = b["labels"][i] != -100
+            if not mask.any():
+                continue
+            logp = F.log_softmax(base(b["input_ids"][i:i + 1])[0], -1)  # (T, V)
+            grads = torch.autograd.grad(logp[mask].gather(1, b["labels"][i][mask][:, None]).sum(), Ws)
+            ref = {n: ref[n] + g.pow(2) for n, g in zip(ref, grads)}
+            M += 1
+    assert M == 4
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n] / M, rtol=1e-10, atol=1e-14)
+
+
+def test_save_load_fisher_refuses_a_basis_made_for_something_else(tmp_path):
+    base, batches = tiny(), tiny_batches()
+    basis = estimate_fisher(base, batches, k=3, kind="empirical", targets=("up", "down"))
+    meta = {"k": 3, "kind": "empirical", "data_hash": "abc"}
+    path = tmp_path / "fisher.safetensors"
+    save_fisher(path, basis, meta)
+    loaded = load_fisher(path, base, expect=meta)
+    for n in basis:
+        torch.testing.assert_close(loaded[n].U_g, basis[n].U_g.float(), check_dtype=False)
+        assert loaded[n].n_tokens == 8
+    with pytest.raises(ValueError, match="k=3, expected 4"):
+        load_fisher(path, base, expect={**meta, "k": 4})
+    with pytest.raises(ValueError, match="shape"):
+        torch.manual_seed(0)
+        load_fisher(path, Tiny(h=7).double())
+    with pytest.raises(ValueError, match="other weights"):
+        load_fisher(path, tiny(seed=1))
+    adapted = copy.deepcopy(base)
+    add_lora(adapted, LoRAConfig(r=2, targets=("up",)))
+    with pytest.raises(ValueError, match=r"unknown \['down'\]"):
+        load_fisher(path, adapted)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an AlignGuard Fisher basis"):
+        load_fisher(tmp_path / "other.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split and penalties
+
+
+def dense_terms(dW, U_g, g, U_a, a, beta, eps):
+    """Every term from (d_out, d_in) matrices and the literal definitions of DESIGN 3.2-3.3."""
+    P_g, P_a = U_g @ U_g.T, U_a @ U_a.T
+    dW_A = P_g @ dW @ P_a
+    dW_T = dW - dW_A
+    G_k, A_k = U_g @ torch.diag(g) @ U_g.T, U_a @ torch.diag(a) @ U_a.T
+    tau = dW.pow(2).mean().sqrt()
+    rho = 1 + beta * torch.sigmoid((dW.abs() - tau) / tau)
+    nA, nT = dW_A.pow(2).sum(), dW_T.pow(2).sum()
+    return {
+        "R_A": 0.5 * dW_A.flatten() @ torch.kron(G_k, A_k) @ dW_A.flatten(),
+        "R_T": nT,
+        "E_geo": 0.5 * ((dW_A.T @ dW_T).pow(2).sum() + (dW_A @ dW_T.T).pow(2).sum()) / (nA * nT + eps),
+        "E_rm": (rho * (dW_A * dW_T).abs()).sum() / ((rho * (dW_A**2 + dW_T**2) / 2).sum() + eps),
+        "cos_literal": (dW_A * dW_T).sum() ** 2 / (nA * nT + eps),
+    }, dW_A, dW_T
+
+
+def test_factored_split_and_terms_equal_dense_versions():
+    torch.manual_seed(0)
+    d_out, d_in, r, s = 7, 9, 3, 1.7
+    A, B = torch.randn(r, d_in, dtype=f64), torch.randn(d_out, r, dtype=f64)
+    fb = FisherBasis(orthonormal(d_out, 4), torch.rand(4, dtype=f64), orthonormal(d_in, 3, 1), torch.rand(3, dtype=f64), 1, 1.0)
+    dW = s * B @ A
+    ref, dW_A, dW_T = dense_terms(dW, fb.U_g, fb.g, fb.U_a, fb.a, beta=2.0, eps=0.0)
+
+    C, X, Y, dWT_sq = lora_split(A, B, s, fb.U_g, fb.U_a)
+    torch.testing.assert_close(C, fb.U_g.T @ dW @ fb.U_a)
+    torch.testing.assert_close(X, fb.U_g.T @ dW_T)
+    torch.testing.assert_close(Y, dW_T @ fb.U_a)
+    torch.testing.assert_close(dWT_sq, dW.pow(2).sum() - C.pow(2).sum())
+    torch.testing.assert_close(C.pow(2).sum(), dW_A.pow(2).sum())
+    ours = dense_split(A, B, s, fb.U_g, fb.U_a)
+    for got, want in zip(ours, (dW, dW_A, dW_T)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours[1] + ours[2], dW)
+    torch.testing.assert_close(fb.U_g @ fb.U_g.T @ dW_A @ fb.U_a @ fb.U_a.T, dW_A)  # P(P ΔW) = P ΔW
+    C2, X2, Y2, sq2 = lora_split(fb.U_a.T, fb.U_g @ C, 1.0, fb.U_g, fb.U_a)  # split ΔW_A again, as a LoRA
+    torch.testing.assert_close(C2, C)
+    assert max(X2.abs().max(), Y2.abs().max(), sq2.abs()) < 1e-12, "the split of ΔW_A is not ΔW_A itself"
+
+    terms = module_penalties(A, B, s, fb, beta=2.0, eps=0.0)
+    for name in ("R_A", "R_T", "E_geo", "E_rm"):
+        torch.testing.assert_close(terms[name], ref[name], msg=f"{name}: {terms[name]} vs dense {ref[name]}")
+    assert 0 < terms["E_geo"] < 1 and 0 < terms["E_rm"] < 1
+    assert terms["cos_literal"] < 1e-20 and ref["cos_literal"] < 1e-20, terms["cos_literal"]
+
+    U_g, U_a = fb.U_g + 0.1 * torch.randn(d_out, 4, dtype=f64), fb.U_a  # not orthonormal: cos_literal sees it
+    C_lit = U_g.T @ dW @ U_a
+    dW_A = U_g @ C_lit @ U_a.T
+    cos = (dW_A * (dW - dW_A)).sum() ** 2 / (dW_A.pow(2).sum() * (dW - dW_A).pow(2).sum())
+    got = module_penalties(A, B, s, FisherBasis(U_g, fb.g, U_a, fb.a, 1, 1.0), eps=0.0)["cos_literal"]
+    assert cos > 1e-4
+    torch.testing.assert_close(got, cos)
+
+
+@pytest.mark.parametrize("name", ["R_A", "R_T", "E_geo", "E_rm"])
+def test_gradcheck_penalty_terms(name):
+    torch.manual_seed(1)
+    A = torch.randn(3, 6, dtype=f64, requires_grad=True)
+    B = torch.randn(5, 3, dtype=f64, requires_grad=True)
+    fb = random_basis(5, 6, 2)
+    beta = 0.0 if name == "E_rm" else 1.0  # ρ is held constant in backward; with β = 0 it is constant
+    assert torch.autograd.gradcheck(lambda A, B: module_penalties(A, B, 1.3, fb, beta)[name], (A, B))
+
+
+def test_e_rm_gradient_treats_rho_as_a_constant():
+    torch.manual_seed(2)
+    A = torch.randn(3, 6, dtype=f64, requires_grad=True)
+    B = torch.randn(5, 3, dtype=f64, requires_grad=True)
+    fb = random_basis(5, 6, 2)
+    ours = torch.autograd.grad(module_penalties(A, B, 1.3, fb, beta=2.0, eps=0.0)["E_rm"], (A, B))
+    dW = 1.3 * B @ A
+    with torch.no_grad():
+        _, dW_A, dW_T = dense_terms(dW, fb.U_g, fb.g, fb.U_a, fb.a, 2.0, 0.0)
+        tau = dW.pow(2).mean().sqrt()
+        rho = 1 + 2.0 * torch.sigmoid((dW.abs() - tau) / tau)
+    dW_A = fb.U_g @ fb.U_g.T @ dW @ fb.U_a @ fb.U_a.T
+    dW_T = dW - dW_A
+    ref = (rho * (dW_A * dW_T).abs()).sum() / ((rho * (dW_A**2 + dW_T**2) / 2).sum())
+    for got, want in zip(ours, torch.autograd.grad(ref, (A, B))):
+        torch.testing.assert_close(got, want)
+
+
+def lora_stack(n, d, r=4, k=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(n)])
+    add_lora(model, LoRAConfig(r=r, targets="all-linear"))
+    randomize_B(model, std=0.02)
+    basis = {name: random_basis(d, d, k, seed=i, dtype=torch.float32) for i, name in enumerate(lora_modules(model))}
+    return model, basis
+
+
+def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
+    d = 512
+
+    def saved_bytes(n):
+        model, basis = lora_stack(n, d)
+        storages = {}
+
+        def pack(t):  # a tensor saved by several ops, or a view, holds its memory once
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            reg, terms = penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.5))
+        reg.backward()
+        assert terms["E_rm"].requires_grad and all(p.grad is not None for p in lora_parameters(model))
+        return sum(storages.values())
+
+    growth, dense = saved_bytes(8) - saved_bytes(2), 6 * d * d * 4
+    assert growth < dense / 10, f"saved-for-backward grew by {growth} bytes for 6 modules; one ΔW each is {dense}"
+
+
+def test_penalties_are_fp32_under_bf16_autocast_and_totals_add_up():
+    model, basis = lora_stack(3, 16, r=4, k=4)
+    cfg = AlignGuardConfig(lambda_a=10.0, lambda_t=0.5, lambda_nc=2.0, alpha=0.3, beta=1.5)
+    F_diag = {n: torch.rand(16, 16) for n in basis}
+    ref, ref_terms = penalties(model, basis, cfg)
+    ref_l2, ref_ewc = l2_penalty(model), ewc_penalty(model, F_diag)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms = penalties(model, basis, cfg)
+        l2, ewc = l2_penalty(model), ewc_penalty(model, F_diag)
+    for got, want in [(total, ref), (l2, ref_l2), (ewc, ref_ewc)] + [(terms[k], ref_terms[k]) for k in terms]:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
+
+    per_module = [module_penalties(m.lora_A.weight, m.lora_B.weight, m.scaling, basis[n], cfg.beta, cfg.eps)
+                  for n, m in lora_modules(model).items()]
+    S = {k: sum(t[k] for t in per_module) for k in per_module[0]}
+    torch.testing.assert_close(total, cfg.lambda_a * S["R_A"] + cfg.lambda_t * S["R_T"]
+                               + cfg.lambda_nc * (cfg.alpha * S["E_rm"] + (1 - cfg.alpha) * S["E_geo"]))
+    dWs = {n: delta_weight(m) for n, m in lora_modules(model).items()}
+    torch.testing.assert_close(l2, sum(dW.pow(2).sum() for dW in dWs.values()))
+    torch.testing.assert_close(ewc, 0.5 * sum((F_diag[n] * dW.pow(2)).sum() for n, dW in dWs.items()))
+
+    _, no_rm = penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.0, beta=cfg.beta))
+    assert not no_rm["E_rm"].requires_grad  # weight 0: evaluated for the log only
+    torch.testing.assert_close(no_rm["E_rm"], ref_terms["E_rm"].detach())
+    with pytest.raises(ValueError, match="missing"):
+        penalties(model, {n: basis[n] for n in list(basis)[:2]}, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def test_save_and_load_adapter_round_trip(tmp_path):
+    base = mlp()
+    model = copy.deepcopy(base)
+    cfg = LoRAConfig(r=4, alpha=8.0, targets=("q_proj", "o_proj"))
+    add_lora(model, cfg)
+    randomize_B(model)
+    x = torch.randn(3, 8)
+    out = tmp_path / "adapter"
+    save_adapter(model, out, "tiny-base", cfg, meta={"lambda_a": 1e3, "data_hash": "abc"})
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 8.0)
+    assert config["target_modules"] == ["o_proj", "q_proj"] and config["base_model_name_or_path"] == "tiny-base"
+    assert json.loads((out / "alignguard.json").read_text())["meta"]["data_hash"] == "abc"
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors["base_model.model.q_proj.lora_A.weight"].shape == (4, 8)
+    assert tensors["base_model.model.o_proj.lora_B.weight"].shape == (8, 4)
+    assert len(tensors) == 4
+
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_adapter(model, out, "tiny-base", cfg)
+    save_adapter(model, out, "tiny-base", cfg, overwrite=True)
+    with pytest.raises(ValueError, match="does not describe"):
+        save_adapter(model, tmp_path / "other", "tiny-base", LoRAConfig(r=4, alpha=4.0))
+
+    fresh = copy.deepcopy(base)
+    assert sorted(load_adapter(fresh, out)) == ["o_proj", "q_proj"]
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+    tensors["base_model.model.q_proj.lora_A.weight"] = torch.zeros(4, 7)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: base_model.model.q_proj.lora_A.weight has shape \[4, 7\]"):
+        load_adapter(copy.deepcopy(base), out)
+    del tensors["base_model.model.q_proj.lora_A.weight"]
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['base_model.model.q_proj.lora_A.weight'\]"):
+        load_adapter(copy.deepcopy(base), out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny random transformers Llama, and PEFT
+
+
+def tiny_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=128, intermediate_size=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_loads_our_adapter_with_the_same_logits(tmp_path, rslora):
+    peft = pytest.importorskip("peft")
+    base = tiny_hf_llama()
+    model = copy.deepcopy(base)
+    cfg = LoRAConfig(r=4, alpha=8.0, targets="all-linear", rslora=rslora)
+    names = add_lora(model, cfg)
+    assert "model.layers.1.self_attn.q_proj" in names and "model.layers.0.mlp.down_proj" in names
+    assert "lm_head" not in names and len(names) == 14
+    randomize_B(model, std=0.05)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, plain = model(ids).logits, base(ids).logits
+    assert (ours - plain).abs().max() > 1e-3, "the adapter changes nothing; the comparison would be empty"
+    save_adapter(model, tmp_path / "adapter", "tiny-random-llama", cfg)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_alignguard_on_a_transformers_llama_trains():
+    model = tiny_hf_llama()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (4, 12), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:-1] = ids[:, 5:]  # shifted: position t predicts token t + 1; prompt and last position masked
+    batch = {"input_ids": ids, "labels": labels}
+    lora = LoRAConfig(r=4, alpha=8.0)
+    basis = estimate_fisher(model, [batch], k=8, targets=lora.targets, generator=torch.Generator().manual_seed(0))
+    add_lora(model, lora)
+    again = estimate_fisher(model, [batch], k=8, generator=torch.Generator().manual_seed(0))
+    for n in basis:
+        torch.testing.assert_close(again[n].g, basis[n].g)
+    W0 = model.model.layers[0].self_attn.q_proj.weight.clone()
+    model.train()
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        logits = model(ids).logits
+        task = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        reg, terms = penalties(model, basis, AlignGuardConfig(k=8))
+        opt.zero_grad()
+        (task + reg).backward()
+        opt.step()
+        losses.append(task.item())
+    assert losses[-1] < losses[0] - 0.5, f"task loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, W0), "the base weight moved"
+    assert float(terms["R_A"]) > 0 and float(terms["cos_literal"]) < 1e-6, terms

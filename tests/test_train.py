@@ -1,0 +1,211 @@
+"""train.py: schedule, loss normalisation, accumulation, resume, precision, processes, outputs and
+failures, on the tiny checkpoint of conftest.py."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from alignguard import LoRAConfig, add_lora, lora_parameters
+from data import collate, encode_example, load_tokenizer, read_task
+from model import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(tiny_ckpt, task_file, align_file, out, *extra):
+    argv = ["--ckpt", str(tiny_ckpt), "--task", str(task_file), "--align", str(align_file), "--out", str(out),
+            "--batch-size", "4", "--eval-size", "8", "--max-len", "64", "--log-every", "1", "--eval-every", "0",
+            "--lr", "1e-2", "--warmup", "2", "--k", "4", "--n-align", "8", "--fisher-batch", "4", *extra]
+    return train.main(argv)
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def test_get_lr_boundaries():
+    lr, min_lr, warmup, total = 1e-3, 1e-4, 10, 100
+    assert train.get_lr(0, total, lr, min_lr, warmup) == pytest.approx(lr / warmup)
+    assert train.get_lr(warmup - 1, total, lr, min_lr, warmup) == pytest.approx(lr)
+    assert train.get_lr(warmup, total, lr, min_lr, warmup) == pytest.approx(lr)  # cosine starts at the peak
+    mid = warmup + (total - warmup) // 2
+    assert train.get_lr(mid, total, lr, min_lr, warmup) == pytest.approx((lr + min_lr) / 2)
+    assert train.get_lr(total, total, lr, min_lr, warmup) == pytest.approx(min_lr)
+    assert train.get_lr(total + 5, total, lr, min_lr, warmup) == pytest.approx(min_lr)
+    lrs = [train.get_lr(s, total, lr, min_lr, warmup) for s in range(warmup, total + 1)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_example_order_is_a_pure_function_of_position():
+    full = train.example_order(7, seed=3, start=0, count=30)
+    assert sorted(full[:7]) == list(range(7)) and sorted(full[7:14]) == list(range(7))
+    assert train.example_order(7, seed=3, start=11, count=9) == full[11:20]
+
+
+def test_accumulation_equals_one_big_batch(tiny_ckpt, task_file):
+    """k micro-batches with different token counts give the gradient of one batch of all their rows."""
+    tok = load_tokenizer(tiny_ckpt)
+    rows = [encode_example(tok, p, r, 64)[:2] for p, r in read_task(task_file)[:6]]
+    # rows of different lengths so the micro-batches hold different numbers of response tokens
+    rows[0] = encode_example(tok, "a much longer prompt " * 3, "positive and also a much longer response", 64)[:2]
+
+    def grads(micro, naive=False):
+        torch.manual_seed(0)
+        model = load_model(tiny_ckpt, dtype=torch.float64)
+        add_lora(model, LoRAConfig(r=4, targets=("q_proj", "v_proj", "down_proj")))
+        with torch.no_grad():
+            for p in lora_parameters(model):
+                p.normal_(0, 0.1)
+        n = sum(int((collate(m, tok.pad_id)["labels"] != -100).sum()) for m in micro)
+        for m in micro:
+            b = collate(m, tok.pad_id)
+            n_b = int((b["labels"] != -100).sum()) * len(micro) if naive else n  # naive: mean of means
+            train.normalised_loss(train.token_loss_sum(model(b["input_ids"]), b["labels"]), n_b).backward()
+        return torch.cat([p.grad.flatten() for p in lora_parameters(model)])
+
+    one = grads([rows])
+    three = grads([rows[:1], rows[1:4], rows[4:]])
+    scale = one.abs().max()
+    assert (one - three).abs().max() < 1e-5 * scale, f"{(one - three).abs().max():.2e} vs {scale:.2e}"
+    # the mean of per-micro-batch means is a different gradient: the normalisation matters
+    assert (one - grads([rows[:1], rows[1:4], rows[4:]], naive=True)).abs().max() > 1e-2 * scale
+
+
+def test_resume_is_bit_exact(tiny_ckpt, task_file, align_file, tmp_path):
+    extra = ["--steps", "6", "--ckpt-every", "3", "--lora-dropout", "0.1"]
+    run(tiny_ckpt, task_file, align_file, tmp_path / "a", *extra)
+    run(tiny_ckpt, task_file, align_file, tmp_path / "b", *extra, "--stop-after", "3")
+    assert not (tmp_path / "b" / "adapter").exists()
+    run(tiny_ckpt, task_file, align_file, tmp_path / "b", *extra, "--resume")
+    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_bf16_on_cpu_trains(tiny_ckpt, task_file, align_file, tmp_path):
+    run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "25", "--dtype", "bf16", "--method", "lora",
+        "--lr", "3e-2")
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_fp16_loss_scaler_skips_overflowing_steps(tiny_ckpt, task_file, align_file, tmp_path):
+    s = train.LossScaler(scale=8.0, interval=2)
+    assert s.update(False) is False and s.scale == 4.0
+    assert s.update(True) and s.update(True) and s.scale == 8.0 and s.good_steps == 0
+    # a scale of 2^60 overflows fp16 gradients: every step is skipped and the scale halves each time
+    run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "3", "--dtype", "fp16", "--method", "lora",
+        "--loss-scale", str(2.0 ** 60))
+    rows = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_scale"] for r in rows] == [2.0 ** 59, 2.0 ** 58, 2.0 ** 57]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(not k.endswith("lora_B.weight") or v.abs().max() == 0 for k, v in adapter(tmp_path / "o").items())
+    # a sane scale trains
+    run(tiny_ckpt, task_file, align_file, tmp_path / "p", "--steps", "3", "--dtype", "fp16", "--method", "lora")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter(tmp_path / "p").items())
+
+
+def test_cli_writes_every_output_and_peft_loads_the_adapter(tiny_ckpt, task_file, align_file, tmp_path):
+    out = tmp_path / "o"
+    summary = run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--merge")
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
+                 "summary.json", "checkpoint/trainable.safetensors", "checkpoint/optimizer.pt",
+                 "checkpoint/state.json", "merged/model.safetensors", "merged/config.json"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("fisher-alignguard-*.safetensors"))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "R_A", "R_T", "E_rm", "E_geo"):
+        assert key in rows[-1], key
+    assert math.isfinite(summary["eval_loss"])
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny_ckpt).eval()
+    tuned = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = transformers.LlamaForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        a, b = tuned(ids).logits, merged(ids).logits
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_ckpt, task_file, align_file, tmp_path):
+    common = ["--ckpt", str(tiny_ckpt), "--task", str(task_file), "--align", str(align_file), "--eval-size", "8",
+              "--max-len", "64", "--steps", "3", "--lr", "1e-2", "--warmup", "1", "--k", "4", "--n-align", "8",
+              "--fisher-batch", "2", "--batch-size", "2", "--eval-every", "0", "--device", "cpu",
+              "--fisher", "empirical"]  # the true Fisher samples labels: each process draws its own
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+                          str(ROOT / "train.py"), *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_existing_output_directory_is_refused(tiny_ckpt, task_file, align_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, out, "--steps", "1")
+    assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, task_file, align_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    calls = {"n": 0}
+    real = train.token_loss_sum
+
+    def poisoned(logits, labels):  # finite for the first 4 steps, then NaN
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(train, "token_loss_sum", poisoned)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, out, "--steps", "8", "--ckpt-every", "2", "--method", "lora")
+    assert "non-finite" in capsys.readouterr().err
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint" / "trainable.safetensors")).values())
+    assert not (out / "adapter").exists()
+
+
+def test_disk_error_while_saving_keeps_the_previous_checkpoint(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    real, calls = train.save_file, {"n": 0}
+
+    def failing(tensors, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-way: disk full
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(train, "save_file", failing)
+    with pytest.raises(OSError):
+        run(tiny_ckpt, task_file, align_file, out, "--steps", "6", "--ckpt-every", "2", "--method", "lora")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    load_file(str(out / "checkpoint" / "trainable.safetensors"))  # intact
+    assert not (out / "checkpoint.tmp").exists()

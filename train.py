@@ -1,0 +1,522 @@
+"""Fine-tune a Llama-style chat model with AlignGuard-LoRA (or a baseline) and write a PEFT adapter.
+
+    python train.py --ckpt DIR --task data/sst2.jsonl --align data/align.jsonl --out runs/sst2
+    python train.py --ckpt DIR --task data/sst2.jsonl --method lora --out runs/sst2-lora
+    torchrun --nproc_per_node 2 train.py --ckpt DIR --task data/sst2.jsonl --out runs/ddp
+
+One function, `train`, holds the whole loop in nanoGPT's order: setup, data, model, Fisher,
+optimizer, then per step: learning rate, evaluation/checkpoint, micro-steps, unscale, clip, step,
+log. Outputs in --out: adapter/ (PEFT format), fisher-*.safetensors, metrics.jsonl, summary.json,
+checkpoint/ (resumable), merged/ with --merge.
+"""
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, estimate_fisher, ewc_penalty,
+                        l2_penalty, load_fisher, lora_parameters, merged_state_dict, penalties, save_adapter,
+                        save_fisher)
+from data import collate, encode_pairs, load_tokenizer, read_align, read_task
+from model import Llama, ModelConfig, init_weights, load_model, resolve_checkpoint, save_model
+
+METHODS = ("alignguard", "lora", "l2", "ewc", "full")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    ckpt: str = "data/demo"        # checkpoint: .safetensors file, directory or sharded index.json
+    task: str = "data/sst2.jsonl"  # task jsonl: {"prompt","response"} or SST-2 {"sentence","label"}
+    align: str = "data/align.jsonl"  # alignment jsonl {"prompt","response"} for the Fisher (alignguard, ewc)
+    eval_task: str = ""            # held-out task jsonl for the eval loss; "" holds out --eval-size rows of --task
+    out: str = "runs/train"        # output directory; an existing one is refused unless --resume
+    method: str = "alignguard"     # alignguard | lora | l2 | ewc | full
+    init: str = ""                 # --method full: config.json to start from random weights instead of --ckpt
+    chat_format: str = "auto"      # auto | llama3 | chatml | llama2 | plain
+    dtype: str = "fp32"            # autocast compute dtype: fp32 | bf16 | fp16 (fp16: dynamic loss scaling)
+    loss_scale: float = 65536.0    # --dtype fp16: initial dynamic loss scale
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    batch_size: int = 8            # examples per micro-batch per process
+    grad_accum: int = 1            # micro-batches per optimizer step
+    max_len: int = 256             # tokens per example; longer ones are truncated and counted
+    steps: int = 0                 # optimizer steps; 0 derives them from --epochs
+    epochs: float = 1.0            # passes over the task data when --steps is 0
+    lr: float = 2e-4               # peak learning rate
+    min_lr: float = 2e-5           # floor of the cosine decay
+    warmup: int = 10               # linear warmup steps
+    weight_decay: float = 0.0      # AdamW weight decay
+    grad_clip: float = 1.0         # max global gradient norm after unscaling; 0 disables
+    eval_every: int = 50           # steps between held-out evaluations; 0: only at the end
+    eval_size: int = 64            # rows held out of --task when --eval-task is empty
+    ckpt_every: int = 100          # steps between checkpoints; 0: only at the end
+    log_every: int = 10            # steps between metrics.jsonl lines and progress updates
+    n_align: int = 256             # alignment rows used to estimate the Fisher
+    fisher_batch: int = 8          # alignment rows per Fisher batch
+    lambda_l2: float = 1e-2        # --method l2: weight of sum ||ΔW||_F^2
+    lambda_ewc: float = 1e2        # --method ewc: weight of 1/2 sum F_diag * ΔW^2
+    resume: bool = False           # continue the run in --out from its checkpoint
+    stop_after: int = 0            # checkpoint and stop after this many steps of this invocation (time-boxed jobs); 0: run to the end
+    merge: bool = False            # also write merged/, a full checkpoint loadable by transformers
+    seed: int = 0                  # seeds data order, initialisation, dropout and Fisher sampling
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.init and self.method != "full":
+            raise ValueError("--init (random initialisation) needs --method full")
+        for name in ("batch_size", "grad_accum", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def get_lr(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup from lr/warmup to lr over `warmup` steps, then cosine decay to min_lr at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies (fp32) over positions whose label is not -100."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def normalised_loss(loss_sum: torch.Tensor, n_tokens_step: int) -> torch.Tensor:
+    """A micro-batch's contribution to the step loss: its token-loss sum over the response tokens of
+    the WHOLE accumulated (and, under torchrun, global) batch. Summing the contributions of k
+    micro-batches gives the mean over all their tokens, whatever each micro-batch holds; a mean of
+    per-micro-batch means would over-weight short micro-batches."""
+    return loss_sum / max(1, n_tokens_step)
+
+
+def example_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Indices start..start+count of the endless sequence of per-epoch permutations of range(n),
+    epoch e shuffled with seed (seed, e). Depends only on its arguments, so a resumed run reads
+    exactly the rows the uninterrupted one would have read."""
+    out = []
+    while len(out) < count:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        out += perm[offset:offset + count - len(out)]
+    return out
+
+
+def file_digest(paths) -> str:
+    """sha256 of the given files' names, sizes and contents (the Fisher cache key)."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_dir(final: Path, write):
+    """Fill a temporary sibling directory with `write(tmp)`, then swap it in for `final`. The old
+    directory is removed only after the new one is complete, so a failure (a full disk, a kill)
+    leaves the previous good copy in place: at `final`, or at `final.old` if it stopped mid-swap."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- loss scaling
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling for fp16: multiply the loss by `scale` so small gradients survive fp16,
+    divide the gradients back before anything reads them; on inf/nan skip the step and halve the
+    scale, after `interval` good steps in a row double it."""
+    scale: float = 2.0 ** 16       # current multiplier
+    interval: int = 2000           # good steps before the scale doubles
+    good_steps: int = 0            # good steps since the last change
+    enabled: bool = True           # False: scale stays 1 and nothing is ever skipped
+
+    def update(self, finite: bool) -> bool:
+        """Record a step's outcome; returns whether the optimizer may step."""
+        if not self.enabled:
+            return finite
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2, 0
+            return False
+        self.good_steps += 1
+        if self.good_steps >= self.interval:
+            self.scale, self.good_steps = self.scale * 2, 0
+        return True
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scaler: LossScaler, extra: dict):
+    """Trainable tensors (safetensors), optimizer + RNG state (torch), step/scaler/metrics (JSON)."""
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def write(tmp: Path):
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "scaler": asdict(scaler), **extra}, indent=2))
+
+    atomic_dir(out / "checkpoint", write)
+
+
+def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
+    ck = out / "checkpoint"
+    if not (ck / "state.json").exists() and (out / "checkpoint.old" / "state.json").exists():
+        ck = out / "checkpoint.old"  # the run stopped in the middle of a checkpoint swap
+    if not (ck / "state.json").exists():
+        raise ValueError(f"{out}: --resume given but there is no checkpoint/ to resume from")
+    state = json.loads((ck / "state.json").read_text())
+    tensors = load_file(str(ck / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        raise ValueError(f"{ck}/trainable.safetensors: its tensors do not match this run's trainable parameters "
+                         f"(missing {sorted(set(params) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(params))[:5]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    blob = torch.load(ck / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    if blob["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    for k, v in state["scaler"].items():
+        setattr(scaler, k, v)
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
+    # --- setup: processes, device, precision
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cfg.device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = DTYPES[cfg.dtype]
+    autocast = torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = LossScaler(scale=cfg.loss_scale, enabled=dtype == torch.float16)
+    torch.manual_seed(cfg.seed)  # the same initialisation (LoRA A, --init) on every process
+
+    out = Path(cfg.out)
+    if master and not cfg.resume and out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: output directory exists and is not empty; choose another --out, "
+                         f"or pass --resume to continue the run it holds")
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # --- data: tokenised once, a fixed ordered held-out set for the eval loss
+    tok = load_tokenizer(cfg.ckpt if not cfg.init else Path(cfg.init).parent, cfg.chat_format)
+
+    def encode(pairs, name):  # (input_ids, labels) rows; truncation is reported on stderr
+        return [ex[:2] for ex in encode_pairs(tok, pairs, cfg.max_len, name=name)]
+
+    task = encode(read_task(cfg.task), cfg.task)
+    if cfg.eval_task:
+        heldout = encode(read_task(cfg.eval_task), cfg.eval_task)
+    else:
+        if len(task) <= cfg.eval_size:
+            raise ValueError(f"{cfg.task}: {len(task)} rows, too few to hold out --eval-size {cfg.eval_size}")
+        order = torch.randperm(len(task), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        heldout = [task[i] for i in order[:cfg.eval_size]]
+        task = [task[i] for i in order[cfg.eval_size:]]
+    per_step = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step, all processes
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(task) / per_step))
+
+    # --- model: frozen base weights in the compute dtype, trainable weights in fp32
+    if cfg.init:
+        model = init_weights(Llama(ModelConfig.from_hf(cfg.init)), seed=cfg.seed).to(device)
+    else:
+        base_dtype = dtype if cfg.method != "full" and dtype != torch.float32 else torch.float32
+        model = load_model(cfg.ckpt, device=device, dtype=base_dtype)
+    ckpt_files = [] if cfg.init else resolve_checkpoint(cfg.ckpt)[1]
+
+    # --- the aligned model's Fisher (before any adapter exists), cached in --out
+    basis = f_diag = None
+    if cfg.method in ("alignguard", "ewc"):
+        align = encode(read_align(cfg.align)[:cfg.n_align], cfg.align)
+        batches = [collate(align[i:i + cfg.fisher_batch], tok.pad_id) for i in range(rank * cfg.fisher_batch, len(align), world * cfg.fisher_batch)]
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        key = file_digest(ckpt_files + [cfg.align])[:16]
+        meta = {"data_hash": key, "k": agc.k, "kind": agc.fisher, "targets": list(lora.targets), "n_align": len(align)}
+        cache = out / f"fisher-{cfg.method}-{key}.safetensors"
+        t0 = time.time()
+        if cfg.method == "alignguard":
+            if cache.exists():
+                basis = load_fisher(cache, model=model, expect=meta)
+            else:
+                with autocast:
+                    basis = estimate_fisher(model, batches, k=agc.k, kind=agc.fisher, targets=lora.targets,
+                                            generator=torch.Generator(device=device).manual_seed(cfg.seed))
+                if master:
+                    save_fisher(cache, basis, meta)
+        else:
+            if cache.exists():
+                f_diag = load_file(str(cache))
+            else:
+                with autocast:
+                    f_diag = diag_fisher(model, batches, targets=lora.targets)
+                if master:
+                    save_file({k: v.contiguous() for k, v in f_diag.items()}, str(cache))
+            f_diag = {k: v.to(device) for k, v in f_diag.items()}
+        if master:
+            print(f"fisher ({cfg.method}): {len(align)} alignment rows, {time.time() - t0:.1f}s -> {cache}", file=sys.stderr)
+
+    if cfg.method == "full":
+        model.float().requires_grad_(True)
+        params = [p for p in model.parameters()]
+    else:
+        add_lora(model, lora)
+        params = lora_parameters(model)
+    params = list({id(p): p for p in params}.values())  # a tied weight appears once
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                  foreach=device_type == "cuda")
+    n_trainable = sum(p.numel() for p in params)
+
+    def penalty():
+        """The method's regulariser, in fp32 outside autocast; returns (total, terms for logging)."""
+        if cfg.method == "alignguard":
+            return penalties(model, basis, agc)
+        if cfg.method == "l2":
+            r = l2_penalty(model)
+            return cfg.lambda_l2 * r, {"l2": r}
+        if cfg.method == "ewc":
+            r = ewc_penalty(model, f_diag)
+            return cfg.lambda_ewc * r, {"ewc": r}
+        return None, {}
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        """Mean token cross-entropy over the whole held-out set, in a fixed order."""
+        model.eval()
+        loss, n = torch.zeros((), device=device), 0
+        for i in range(rank * cfg.batch_size, len(heldout), world * cfg.batch_size):
+            b = collate(heldout[i:i + cfg.batch_size], tok.pad_id)
+            with autocast:
+                logits = model(b["input_ids"].to(device))
+            loss += token_loss_sum(logits, b["labels"].to(device))
+            n += int((b["labels"] != -100).sum())
+        stats = torch.tensor([loss.item(), n], dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(stats)
+        model.train()
+        return (stats[0] / stats[1]).item()
+
+    # --- resume
+    step, metrics_file = 0, out / "metrics.jsonl"
+    if cfg.resume:
+        state = load_checkpoint(out, model, optimizer, scaler)
+        step = state["step"]
+        if master and metrics_file.exists():  # drop log lines written after the checkpoint
+            lines = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= step]
+            metrics_file.write_text("".join(l + "\n" for l in lines))
+    if master:
+        print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(task)} task rows, "
+              f"{total_steps} steps of {per_step} rows, {world} process(es), {device}, {cfg.dtype}", file=sys.stderr)
+
+    # --- the loop
+    model.train()
+    t_start, tokens_seen, last = time.time(), 0, {}
+    t_log, tokens_log = time.time(), 0
+    first_step = step
+    while step < total_steps:
+        if cfg.stop_after and step - first_step == cfg.stop_after:
+            if master:
+                save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss")})
+                print(f"\nstopped after {cfg.stop_after} steps at step {step}; continue with --resume", file=sys.stderr)
+            if ddp:
+                dist.barrier()
+                dist.destroy_process_group()
+            return {"method": cfg.method, "steps": step, "stopped": True}
+        lr = get_lr(step, total_steps, cfg.lr, cfg.min_lr, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
+            last["eval_loss"] = evaluate()
+        if master and cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > 0:
+            save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss")})
+        # dropout noise depends on the step only, so a resumed run draws the same masks
+        torch.manual_seed(cfg.seed + rank + 7919 * step)
+
+        # micro-batches: rows [i*world + rank] of this step's slice of the data order
+        idx = example_order(len(task), cfg.seed, step * per_step, per_step)
+        micro = [collate([task[j] for j in idx[(m * world + rank) * cfg.batch_size:(m * world + rank + 1) * cfg.batch_size]], tok.pad_id)
+                 for m in range(cfg.grad_accum)]
+        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
+        n_step = torch.tensor(n_local, device=device)
+        if ddp:
+            dist.all_reduce(n_step)
+        n_step = int(n_step)
+        task_loss = torch.zeros((), device=device)
+        for b in micro:
+            with autocast:
+                logits = model(b["input_ids"].to(device))
+            loss = normalised_loss(token_loss_sum(logits, b["labels"].to(device)), n_step)
+            (loss * scaler.scale).backward()
+            task_loss += loss.detach()
+        if ddp:  # sum over processes: each loss was already divided by the global token count
+            dist.all_reduce(task_loss)
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        pen, terms = penalty()  # identical on every process, so added after the all-reduce
+        if pen is not None:
+            (pen * scaler.scale).backward()
+
+        for p in params:  # unscale before clipping and before any statistic of the gradient
+            if p.grad is not None and scaler.scale != 1.0:
+                p.grad.div_(scaler.scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(task_loss))
+        if not finite and not scaler.enabled:
+            raise FloatingPointError(f"step {step}: non-finite loss or gradient (task loss {task_loss.item()}, "
+                                     f"grad norm {grad_norm.item()}); stopping. The last good checkpoint is in "
+                                     f"{out / 'checkpoint'}; lower --lr or use --dtype fp32, then --resume.")
+        if scaler.update(finite):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += n_step
+        tokens_log += n_step
+
+        if master and (step % cfg.log_every == 0 or step == total_steps):
+            dt = time.time() - t_log
+            row = {"step": step, "loss": task_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens_per_s": tokens_log / max(dt, 1e-9), "tokens": tokens_seen, **last,
+                   **{k: v.item() for k, v in terms.items()}}
+            if pen is not None:
+                row["penalty"] = pen.item()
+            if scaler.enabled:
+                row["loss_scale"] = scaler.scale
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            elapsed = time.time() - t_start
+            eta = elapsed / step * (total_steps - step) if step else 0
+            shown = " ".join(f"{k} {row[k]:.3g}" for k in ("R_A", "R_T", "E_rm", "E_geo", "l2", "ewc") if k in row)
+            print(f"\rstep {step}/{total_steps} | loss {row['loss']:.4f} {shown} | lr {lr:.2e} | "
+                  f"{row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s   ", end="", file=sys.stderr, flush=True)
+            t_log, tokens_log = time.time(), 0
+
+    # --- outputs
+    final_eval = evaluate()
+    summary = {"method": cfg.method, "steps": step, "eval_loss": final_eval, "tokens": tokens_seen,
+               "seconds": time.time() - t_start, "trainable_parameters": n_trainable,
+               "config": asdict(cfg), "lora": asdict(lora), "alignguard": asdict(agc)}
+    if master:
+        print(file=sys.stderr)
+        save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": final_eval})
+        if cfg.method == "full":
+            save_model(model, out / "model", tokenizer_from=Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0],
+                       overwrite=True)
+        else:
+            meta = {"method": cfg.method, "lambda_l2": cfg.lambda_l2, "lambda_ewc": cfg.lambda_ewc,
+                    "alignguard": asdict(agc), "fisher_cache": str(cache) if basis is not None else None}
+            save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.ckpt), lora_cfg=lora, meta=meta,
+                         overwrite=True)
+            if cfg.merge:
+                save_model(model, out / "merged", state_dict=merged_state_dict(model),
+                           tokenizer_from=resolve_checkpoint(cfg.ckpt)[0], overwrite=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"{cfg.method}: eval loss {final_eval:.4f} after {step} steps, {summary['seconds']:.0f}s -> {out}", file=sys.stderr)
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+def field_help(cls) -> dict[str, str]:
+    """The trailing comment of each dataclass field: the one place options are documented."""
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", src, re.M)}
+
+
+def add_dataclass_args(parser, cls, prefix=""):
+    helps = field_help(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in fields(cls):
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=prefix + f.name,
+                               help=helps.get(f.name, ""))
+        elif isinstance(default, (tuple, list)):
+            group.add_argument(flag, nargs="+", default=list(default), dest=prefix + f.name,
+                               help=f"{helps.get(f.name, '')} (default: {' '.join(map(str, default))})")
+        else:
+            group.add_argument(flag, type=type(default), default=default, dest=prefix + f.name,
+                               help=f"{helps.get(f.name, '')} (default: {default})")
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, LoRAConfig, AlignGuardConfig]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, TrainConfig)
+    add_dataclass_args(parser, LoRAConfig, prefix="lora_")
+    add_dataclass_args(parser, AlignGuardConfig)
+    args = vars(parser.parse_args(argv))
+
+    def build(cls, prefix=""):
+        kw = {f.name: args[prefix + f.name] for f in fields(cls)}
+        for f in fields(cls):
+            if isinstance(f.default, tuple):
+                kw[f.name] = tuple(kw[f.name])
+        return cls(**kw)
+
+    return build(TrainConfig), build(LoRAConfig, "lora_"), build(AlignGuardConfig)
+
+
+def main(argv=None):
+    try:
+        cfg, lora, agc = parse_args(argv)
+        return train(cfg, lora, agc)
+    except (ValueError, FloatingPointError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
