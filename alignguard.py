@@ -8,9 +8,10 @@ our Llama and a transformers LlamaForCausalLM alike:
     add_lora(model, LoRAConfig(r=8, targets=("q_proj", "v_proj")))                     # base frozen
     reg, terms = penalties(model, basis, AlignGuardConfig())                           # every step
     (task_loss + reg).backward()
-    save_adapter(model, "out/adapter", "HuggingFaceTB/SmolLM2-135M-Instruct", LoRAConfig(r=8, targets=("q_proj", "v_proj")))
+    save_adapter(model, "out/adapter", "path/to/base", LoRAConfig(r=8, targets=("q_proj", "v_proj")))
 
-    python -c "import peft, transformers as t; peft.PeftModel.from_pretrained(t.AutoModelForCausalLM.from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct'), 'out/adapter')"
+    python -c "import peft, transformers as t; peft.PeftModel.from_pretrained(
+               t.AutoModelForCausalLM.from_pretrained('path/to/base'), 'out/adapter')"   # PEFT reads the adapter
     python -m pytest tests/test_alignguard.py -q
 
 Notation, per adapted module: W0 (d_out, d_in) the frozen aligned weight; ΔW = s·B·A with B (d_out, r),
@@ -41,7 +42,7 @@ class LoRAConfig:
     r: int = 8  # rank of ΔW = s·B·A
     alpha: float = 16.0  # s = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # dropout on the input of A, training only
-    targets: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")  # last name component of each adapted nn.Linear; "all-linear": all but lm_head
+    targets: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")  # exact last name components; all-linear
     rslora: bool = False  # rsLoRA scaling, keeps the update size stable across ranks
     init: str = "kaiming"  # A ~ kaiming-uniform (PEFT's default) or "gaussian" N(0, 1/r²); B = 0 always
 
@@ -61,22 +62,29 @@ class LoRAConfig:
 class AlignGuardConfig:
     k: int = 32  # eigenvectors kept per K-FAC factor (U_g, U_a)
     fisher: str = "true"  # "true": ŷ sampled from the aligned model; "empirical": ŷ = the data's token
-    lambda_a: float = 1e3  # on Σ R_A (nats); far above 1 because the per-module sum underestimates the KL (DESIGN 3.1)
-    lambda_t: float = 1e-3  # on Σ ||ΔW_T||²: a loose trust region that must not stop the task from being learned
-    lambda_nc: float = 0.1  # on Σ [α E_rm + (1−α) E_geo], each in [0, 1] per module
+    lambda_a: float = 1e3  # on Σ R_A (nats); ≫ 1 because the per-module sum underestimates the KL (DESIGN 3.1)
+    lambda_t: float = 1e-3  # on Σ ||ΔW_T||²: a loose trust region that must not stop the task being learned
+    lambda_nc: float = 0.01  # on Σ [α E_rm + (1−α) E_geo]: each ≤ 1 per module, so O(10) over ~100 modules
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
+    rm_chunk: int = 2**24  # most ΔW entries E_rm materialises at once (peak ~10 fp32 copies of that many)
 
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"AlignGuardConfig.fisher must be 'true' or 'empirical', got {self.fisher!r}")
-        if self.k < 1 or not 0 <= self.alpha <= 1 or min(self.lambda_a, self.lambda_t, self.lambda_nc, self.beta) < 0:
-            raise ValueError(f"AlignGuardConfig needs k >= 1, 0 <= alpha <= 1 and non-negative lambdas and beta: {self}")
+        weights = (self.lambda_a, self.lambda_t, self.lambda_nc, self.beta, self.eps)
+        if min(self.k, self.rm_chunk) < 1 or not 0 <= self.alpha <= 1 or min(weights) < 0:
+            raise ValueError(f"AlignGuardConfig needs k, rm_chunk >= 1, 0 <= alpha <= 1, λ, β, ε >= 0: {self}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or in fp64 if it already is: statistics and penalties never run in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class LoRALinear(nn.Module):
@@ -84,8 +92,8 @@ class LoRALinear(nn.Module):
 
     W0 and b stay under nn.Linear's keys (`weight`, `bias`, frozen) so the base model's state-dict keys
     do not change; A and B are `lora_A.weight` (r, d_in) and `lora_B.weight` (d_out, r), PEFT's layout.
-    A and B are fp32 whatever the base dtype: they are the trained master weights. ΔW is never formed
-    here: two thin matmuls cost r·(d_in + d_out) per token instead of d_in·d_out.
+    A and B are fp32 (fp64 for an fp64 base) whatever the base dtype: they are the trained master weights.
+    ΔW is never formed here: two thin matmuls cost r·(d_in + d_out) per token instead of d_in·d_out.
     """
 
     def __init__(self, base: nn.Linear, cfg: LoRAConfig):
@@ -93,7 +101,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter object: ties to other modules survive
         self.register_parameter("bias", base.bias)
-        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        kw = dict(bias=False, device=base.weight.device, dtype=_f32(base.weight).dtype)
         self.lora_A = nn.Linear(self.in_features, cfg.r, **kw)
         self.lora_B = nn.Linear(cfg.r, self.out_features, **kw)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -139,13 +147,8 @@ def find_targets(model: nn.Module, targets) -> dict[str, nn.Module]:
             found[name] = mod
     for t in targets:
         if not any(n.rpartition(".")[2] == t or t == "all-linear" for n in found):
-            raise ValueError(f"LoRA target {t!r} matches no nn.Linear module; their last name components are {sorted(suffixes)}")
+            raise ValueError(f"LoRA target {t!r} matches no nn.Linear module; their names end in {sorted(suffixes)}")
     return found
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """t in fp32, or in fp64 if it already is: statistics and penalties never run in half precision."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -174,7 +177,7 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     freezes every parameter but A and B. Returns the adapted module names. A second call is an error,
     not a second adapter stacked on the first."""
     if lora_modules(model):
-        raise ValueError(f"the model already has LoRA on {sorted(lora_modules(model))[:4]}...; add_lora twice would stack adapters")
+        raise ValueError(f"the model already has LoRA on {len(lora_modules(model))} modules; add_lora runs once")
     found = find_targets(model, cfg.targets)
     model.requires_grad_(False)
     for name, lin in found.items():
@@ -183,7 +186,7 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 
 def delta_weight(m: LoRALinear) -> torch.Tensor:
-    """ΔW = s·B·A (d_out, d_in), fp32. Materialised for merging and checks only, never in forward."""
+    """ΔW = s·B·A (d_out, d_in) in fp32, for merging and checks only: forward never forms it."""
     return m.scaling * (_f32(m.lora_B.weight) @ _f32(m.lora_A.weight))
 
 
@@ -232,6 +235,21 @@ def disable_lora(model: nn.Module):
     finally:
         for m, d in zip(mods, before):
             m.disabled = d
+
+
+@torch.no_grad()
+def remove_lora(model: nn.Module) -> list[str]:
+    """Puts back a plain nn.Linear, holding the same weight and bias Parameters, in place of every
+    LoRALinear (unmerged): the base model again, ready for another adapter of any rank or targets.
+    Nothing is copied or reloaded. Returns the names of the modules restored."""
+    mods = lora_modules(model)
+    for name, m in mods.items():
+        if m.merged:
+            raise ValueError(f"{name}: cannot remove a merged LoRA module: call unmerge_lora(model) first")
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight, linear.bias = m.weight, m.bias
+        model.set_submodule(name, linear)
+    return list(mods)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,14 +365,15 @@ def kfac_factors(model: nn.Module, batches, kind: str = "true", forward=None, ge
     sums = {n: (torch.zeros(m.in_features, m.in_features, **f64), torch.zeros(m.out_features, m.out_features, **f64),
                 torch.zeros((), **f64)) for n, m in mods.items()}
     for mask, calls in _per_call_grads(model, batches, mods, forward or default_forward, kind == "true", generator):
-        for n, c in calls.items():
-            A_sum, G_sum, N = sums[n]
-            for x, g in c:
-                assert x.shape[:-1] == mask.shape, f"{n}: input {tuple(x.shape)} is not (B, T, d_in) with labels {tuple(mask.shape)}"
-                x, g = _f32(x[mask]), _f32(g[mask])  # (N_b, d_in), (N_b, d_out): loss tokens only
-                A_sum += (x.T @ x).double()
-                G_sum += (g.T @ g).double()
-                N += x.shape[0]
+        with torch.autocast(mask.device.type, enabled=False):  # second moments in fp32 under any autocast
+            for n, c in calls.items():
+                A_sum, G_sum, N = sums[n]
+                for x, g in c:
+                    assert x.shape[:-1] == mask.shape, f"{n}: input {tuple(x.shape)} vs labels {tuple(mask.shape)}"
+                    x, g = _f32(x[mask]), _f32(g[mask])  # (N_b, d_in), (N_b, d_out): loss tokens only
+                    A_sum += (x.T @ x).double()
+                    G_sum += (g.T @ g).double()
+                    N += x.shape[0]
     out = {}
     for n, (A_sum, G_sum, N) in sums.items():
         _all_reduce(A_sum, G_sum, N)
@@ -369,14 +388,16 @@ def eig_topk(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     eigh runs in fp64: the small eigenvalues of a token second moment sit near fp32 rounding."""
     vals, vecs = torch.linalg.eigh(M.double())  # ascending
     k = min(k, M.shape[0])
-    return vecs[:, -k:].flip(1), vals[-k:].flip(0).clamp_min(0)  # PSD: a negative value is rounding
+    # eigh returns column-major vectors; a row-major copy makes every later matmul take the same
+    # kernel as a basis read back from disk, so a resumed run computes bit-identical penalties
+    return vecs[:, -k:].flip(1).contiguous(), vals[-k:].flip(0).clamp_min(0)  # PSD: a negative value is rounding
 
 
 def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forward=None, generator=None,
                     targets=None) -> dict[str, FisherBasis]:
     """Per module, F ≈ Ḡ ⊗ Ā (kfac_factors) kept as top-k eigenpairs: Ḡ ≈ U_g diag(g) U_gᵀ,
-    Ā ≈ U_a diag(a) U_aᵀ, so the Fisher's eigenpairs are (g_i·a_j, u_g,i ⊗ u_a,j). Stored in fp32 on
-    the module's device, which is all the penalties need."""
+    Ā ≈ U_a diag(a) U_aᵀ, so the Fisher's eigenpairs are (g_i·a_j, u_g,i ⊗ u_a,j). Kept in fp32 (fp64 for
+    an fp64 model) on the module's device: that is all the penalties need."""
     factors = kfac_factors(model, batches, kind, forward, generator, targets)
     named = dict(model.named_modules())
     basis = {}
@@ -424,7 +445,7 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
     info = json.loads(header)
     for key, want in (expect or {}).items():
         if info["meta"].get(key) != want:
-            raise ValueError(f"{path}: the Fisher basis was made with {key}={info['meta'].get(key)!r}, expected {want!r}")
+            raise ValueError(f"{path}: the Fisher basis has {key}={info['meta'].get(key)!r}, expected {want!r}")
     basis = {n: FisherBasis(*(tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a")), d["n_tokens"], d["w0_norm"])
              for n, d in info["modules"].items()}
     if model is None:
@@ -437,10 +458,11 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
         if not isinstance(m, (nn.Linear, LoRALinear)):
             raise ValueError(f"{path}: module {n!r} of the Fisher basis is not a Linear layer of this model")
         if list(m.weight.shape) != shape:
-            raise ValueError(f"{path}: module {n!r} has weight shape {list(m.weight.shape)}, the basis was made for {shape}")
+            raise ValueError(f"{path}: module {n!r} has weight shape {list(m.weight.shape)}, the basis {shape}")
         norm = m.weight.float().norm().item()
         if abs(norm - fb.w0_norm) > 1e-3 * fb.w0_norm:
-            raise ValueError(f"{path}: module {n!r} has ||W0|| = {norm:.6g}, the basis was estimated at {fb.w0_norm:.6g}: other weights")
+            raise ValueError(f"{path}: module {n!r} has ||W0|| = {norm:.6g}, the basis was estimated at "
+                             f"{fb.w0_norm:.6g}: it was made for other weights")
         basis[n] = fb.to(m.weight.device)
     return basis
 
@@ -448,7 +470,8 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
 def diag_fisher(model: nn.Module, batches, forward=None, targets=None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher in weight space at W0, for the EWC baseline (DESIGN 3.4):
 
-        F_diag = (1/M) Σ_m (∂ log p(example m) / ∂W)²  (d_out, d_in),  log p(example) = Σ_{t ∈ loss} log p(label_t),
+        F_diag = (1/M) Σ_m (∂ log p(example m) / ∂W)²   (d_out, d_in),
+        log p(example) = Σ_{t ∈ loss} log p(label_t | context),
 
     M the examples (rows with a loss token). Per-example gradients from hooks, ∂/∂W = Σ_t g_t x_tᵀ over
     all positions t of the row (a prompt token's output feeds later loss tokens), never the square of a
@@ -458,9 +481,11 @@ def diag_fisher(model: nn.Module, batches, forward=None, targets=None) -> dict[s
     sums = {n: _f32(torch.zeros_like(m.weight)) for n, m in mods.items()}
     M = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     for mask, calls in _per_call_grads(model, batches, mods, forward or default_forward, False, None):
-        for n, c in calls.items():  # one module at a time: (B, d_out, d_in) lives for one module only
-            per_example = sum(torch.einsum("b...o,b...i->boi", _f32(g), _f32(x)) for x, g in c)  # (B, d_out, d_in)
-            sums[n] += per_example.pow(2).sum(0)
+        with torch.autocast(mask.device.type, enabled=False):  # squares of gradients in fp32 under any autocast
+            for n, c in calls.items():  # one module at a time: (B, d_out, d_in) lives for one module only
+                assert all(x.shape[0] == mask.shape[0] for x, _ in c), f"{n}: input is not (B, ..., d_in)"
+                per_example = sum(torch.einsum("b...o,b...i->boi", _f32(g), _f32(x)) for x, g in c)
+                sums[n] += per_example.pow(2).sum(0)  # Σ_m (∂ log p(example m)/∂W)², per_example (B, d_out, d_in)
         M += mask.any(1).sum()
     _all_reduce(M, *sums.values())
     if M == 0:
@@ -472,6 +497,11 @@ def diag_fisher(model: nn.Module, batches, forward=None, targets=None) -> dict[s
 # Decomposition (DESIGN 3.2) and penalties (3.3), all in fp32 (fp64 for fp64 inputs) whatever the autocast
 
 
+def _inner(X, Y):
+    """<X, Y> = tr(XᵀY) over the last two dims: one value per module of a stack (.., m, n)."""
+    return (X * Y).sum((-2, -1))
+
+
 def lora_split(A, B, s, U_g, U_a):
     """ΔW = s·B·A split along the Fisher basis in factors only, nothing (d_out, d_in):
 
@@ -481,45 +511,70 @@ def lora_split(A, B, s, U_g, U_a):
         ||ΔW_T||² = ||s·(B − U_g U_gᵀB)A||² + ||X||²     (ΔW_T = (I − P_g)ΔW + U_g X, orthogonal parts)
 
     Assumes U_gᵀU_g = U_aᵀU_a = I. ||ΔW_T||² equals ||ΔW||² − ||C||², but the sum of squares avoids that
-    difference's cancellation when ΔW lies almost inside the subspace. Returns (C, X, Y, ||ΔW_T||²).
+    difference's cancellation when ΔW lies almost inside the subspace. Every argument may carry a
+    leading stack dimension L (modules of one shape). Returns (C, X, Y, ||ΔW_T||²).
     """
-    P, Q = U_g.T @ B, A @ U_a  # (k_g, r), (r, k_a)
+    P, Q = U_g.mT @ B, A @ U_a  # (.., k_g, r), (.., r, k_a)
     C = s * P @ Q
-    X = s * P @ A - C @ U_a.T
+    X = s * P @ A - C @ U_a.mT
     Y = s * B @ Q - U_g @ C
-    B_perp = B - U_g @ P  # (d_out, r), columns of B outside span(U_g)
-    dWT_sq = s**2 * ((B_perp.T @ B_perp) * (A @ A.T)).sum() + X.pow(2).sum()  # ||B_perp A||² = <B_perpᵀB_perp, AAᵀ>
+    B_perp = B - U_g @ P  # (.., d_out, r): B outside span(U_g)
+    dWT_sq = s**2 * _inner(B_perp.mT @ B_perp, A @ A.mT) + _inner(X, X)  # ||B_perp A||² = <B_perpᵀB_perp, AAᵀ>
     return C, X, Y, dWT_sq
 
 
 def dense_split(A, B, s, U_g, U_a):
-    """The split materialised, (d_out, d_in) each: ΔW = s·B·A, ΔW_A = U_g C U_aᵀ, ΔW_T = ΔW − ΔW_A."""
+    """The split materialised, (.., d_out, d_in) each: ΔW = s·B·A, ΔW_A = U_g C U_aᵀ, ΔW_T = ΔW − ΔW_A."""
     dW = s * B @ A
-    dW_A = U_g @ (s * (U_g.T @ B) @ (A @ U_a)) @ U_a.T
+    dW_A = U_g @ (s * (U_g.mT @ B) @ (A @ U_a)) @ U_a.mT
     return dW, dW_A, dW - dW_A
 
 
-def e_rm(A, B, s, U_g, U_a, beta, eps):
-    """E_rm = Σ_ij ρ_ij |ΔW_A,ij ΔW_T,ij| / (Σ_ij ρ_ij (ΔW_A,ij² + ΔW_T,ij²)/2 + ε)  in [0, 1],
-    ρ_ij = 1 + β·sigmoid((|ΔW_ij| − τ)/τ), τ = RMS(ΔW): large coordinates weigh more. ρ is a constant
-    weight (computed without grad). ε: at B = 0 the ratio is 0/0."""
-    dW, dW_A, dW_T = dense_split(A, B, s, U_g, U_a)
+def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
+    """E_rm = Σ_ij ρ_ij |ΔW_A,ij ΔW_T,ij| / D,  D = Σ_ij ρ_ij (ΔW_A,ij² + ΔW_T,ij²)/2 + ε,  in [0, 1],
+    ρ_ij = 1 + β·sigmoid((|ΔW_ij| − τ)/τ), τ = RMS(ΔW): large coordinates weigh more; ρ is a constant
+    weight. ε: at B = 0 the ratio is 0/0.
+
+    Value and gradient come from one pass over the (d_out, d_in) matrices, outside autograd. With
+    S = sign(ΔW_A ⊙ ΔW_T) and ΔW_A = U_g U_gᵀ ΔW U_a U_aᵀ (a projection, self-adjoint):
+
+        G_T = ∂E/∂ΔW_T = ρ (S ΔW_A − E ΔW_T) / D,   G_A − G_T = ρ (S + E)(ΔW_T − ΔW_A) / D,
+        ∂E/∂ΔW = G_T + U_g K U_aᵀ,   K = U_gᵀ (G_A − G_T) U_a   (k_g, k_a),
+        ∂E/∂B = s·∂E/∂ΔW Aᵀ,   ∂E/∂A = s·Bᵀ ∂E/∂ΔW.
+
+    Autograd keeps only these (d_out, r) and (r, d_in) gradients: the memory saved for backward does not
+    grow with the number of modules, and backward recomputes nothing (activation checkpointing would
+    rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
+    """
     with torch.no_grad():
-        tau = dW.pow(2).mean().sqrt().clamp_min(torch.finfo(dW.dtype).tiny)  # τ = 0 only where ΔW = 0
+        dW, dW_A, dW_T = dense_split(A, B, s, U_g, U_a)
+        tau = dW.pow(2).mean((-2, -1), keepdim=True).sqrt().clamp_min(torch.finfo(dW.dtype).tiny)  # 0: ΔW = 0
         rho = 1 + beta * torch.sigmoid((dW.abs() - tau) / tau)
-    return (rho * (dW_A * dW_T).abs()).sum() / (0.5 * (rho * (dW_A.pow(2) + dW_T.pow(2))).sum() + eps)
+        overlap = dW_A * dW_T
+        D = 0.5 * _inner(rho, dW_A.pow(2) + dW_T.pow(2)) + eps
+        E = _inner(rho, overlap.abs()) / D
+        if not with_grad:
+            return E
+        S, E_, D_ = overlap.sign(), E[..., None, None], D[..., None, None]  # (.., 1, 1) to broadcast
+        G_T = rho * (S * dW_A - E_ * dW_T) / D_
+        K = U_g.mT @ (rho * (S + E_) * (dW_T - dW_A) / D_) @ U_a
+        grad_B = s * (G_T @ A.mT + U_g @ K @ (A @ U_a).mT)
+        grad_A = s * (B.mT @ G_T + (B.mT @ U_g) @ K @ U_a.mT)
+    # B − B.detach() is zero with derivative 1: the value stays E, the gradient becomes (grad_A, grad_B)
+    return E + _inner(grad_B, B - B.detach()) + _inner(grad_A, A - A.detach())
 
 
-def module_penalties(A, B, s: float, fb: FisherBasis, beta: float = 1.0, eps: float = 1e-8,
+def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: float = 1e-8,
                      rm_grad: bool = True) -> dict[str, torch.Tensor]:
-    """The terms of one module, in fp32 (fp64 for fp64 A) under any autocast:
+    """The terms of one module (or of a stack (L, ..) of same-shape modules, one value each), in fp32
+    (fp64 for fp64 A) under any autocast:
 
         R_A   = ½ Σ_ij g_i a_j C_ij²  = ½ vec(ΔW_A)ᵀ (Ḡ ⊗ Ā) vec(ΔW_A)   (nats)
         R_T   = ||ΔW_T||²
         E_geo = ½ (||ΔW_Aᵀ ΔW_T||² + ||ΔW_A ΔW_Tᵀ||²) / (||ΔW_A||² ||ΔW_T||² + ε)
-              = ½ (||Cᵀ X||² + ||C Yᵀ||²) / (||C||² ||ΔW_T||² + ε)   as ΔW_Aᵀ ΔW_T = U_a Cᵀ X, ΔW_A ΔW_Tᵀ = U_g C Yᵀ
-        E_rm  = e_rm, under activation checkpointing: its (d_out, d_in) matrices are rebuilt in backward,
-                so the memory saved for backward does not grow with the number of modules
+              = ½ (||Cᵀ X||² + ||C Yᵀ||²) / (||C||² ||ΔW_T||² + ε),  as ΔW_Aᵀ ΔW_T = U_a Cᵀ X
+                                                                         and ΔW_A ΔW_Tᵀ = U_g C Yᵀ
+        E_rm  = e_rm, whose (d_out, d_in) matrices live only inside it
         cos_literal = <ΔW_A, ΔW_T>² / (||ΔW_A||² ||ΔW_T||² + ε), no grad, must stay ~0.
 
     cos_literal does not assume UᵀU = I as the other terms do: <ΔW_A, ΔW> = ||C||² always and
@@ -528,39 +583,50 @@ def module_penalties(A, B, s: float, fb: FisherBasis, beta: float = 1.0, eps: fl
     """
     with torch.autocast(A.device.type, enabled=False):
         A, B = _f32(A), _f32(B)
-        fb = fb.to(A.device, A.dtype)
-        C, X, Y, dWT_sq = lora_split(A, B, s, fb.U_g, fb.U_a)
-        dWA_sq = C.pow(2).sum()
-        R_A = 0.5 * (fb.g[:, None] * fb.a[None, :] * C.pow(2)).sum()
-        E_geo = 0.5 * ((C.T @ X).pow(2).sum() + (C @ Y.T).pow(2).sum()) / (dWA_sq * dWT_sq + eps)
-        args = (A, B, s, fb.U_g, fb.U_a, beta, eps)
-        if rm_grad and torch.is_grad_enabled():
-            E_rm = checkpoint(e_rm, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            with torch.no_grad():
-                E_rm = e_rm(*args)
+        U_g, g, U_a, a = (t.to(A.device, A.dtype) for t in (U_g, g, U_a, a))
+        C, X, Y, dWT_sq = lora_split(A, B, s, U_g, U_a)
+        dWA_sq = _inner(C, C)
+        R_A = 0.5 * _inner(g[..., :, None] * a[..., None, :], C.pow(2))
+        CtX, CYt = C.mT @ X, C @ Y.mT  # (.., k_a, d_in), (.., k_g, d_out)
+        E_geo = 0.5 * (_inner(CtX, CtX) + _inner(CYt, CYt)) / (dWA_sq * dWT_sq + eps)
+        E_rm = e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=rm_grad and torch.is_grad_enabled())
         with torch.no_grad():
-            lit_A = ((fb.U_g.T @ fb.U_g) @ C @ (fb.U_a.T @ fb.U_a) * C).sum()  # ||ΔW_A||²
-            lit_T = s**2 * ((B.T @ B) * (A @ A.T)).sum() - 2 * dWA_sq + lit_A  # ||ΔW − ΔW_A||²
+            lit_A = _inner((U_g.mT @ U_g) @ C @ (U_a.mT @ U_a), C)  # ||ΔW_A||²
+            lit_T = s**2 * _inner(B.mT @ B, A @ A.mT) - 2 * dWA_sq + lit_A  # ||ΔW − ΔW_A||²
             cos = (dWA_sq - lit_A) ** 2 / (lit_A * lit_T + eps)  # <ΔW_A, ΔW_T> = <ΔW_A, ΔW> − ||ΔW_A||²
     return {"R_A": R_A, "R_T": dWT_sq, "E_rm": E_rm, "E_geo": E_geo, "cos_literal": cos}
 
 
 def penalties(model: nn.Module, basis: dict[str, FisherBasis], cfg: AlignGuardConfig):
-    """L_reg = λ_A Σ_ℓ R_A + λ_T Σ_ℓ R_T + λ_NC Σ_ℓ [α E_rm + (1−α) E_geo]  (DESIGN 3.3; L = L_task + L_reg).
+    """L_reg = λ_A Σ_ℓ R_A + λ_T Σ_ℓ R_T + λ_NC Σ_ℓ [α E_rm + (1−α) E_geo]; L = L_task + L_reg (DESIGN 3.3)
 
-    Returns (L_reg, terms): terms holds the five sums over modules (module_penalties), with grad except
-    cos_literal. When λ_NC·α = 0, E_rm is only evaluated for the log (no autograd, no recomputation)."""
+    Returns (L_reg, terms): terms holds the five sums over modules (module_penalties), detached, for the
+    log. When λ_NC·α = 0, E_rm is evaluated for the log only, without its gradient.
+    Modules of one shape are stacked and computed together: these matmuls are tiny, so per-module code
+    would cost ~100 kernel launches per module and step. A stack holds at most cfg.rm_chunk entries of ΔW,
+    which bounds E_rm's peak memory whatever the number of modules.
+    """
     mods = _adapted(model)
     _check_modules(mods, basis, "the Fisher basis")
-    terms = {}
+    stacks = {}
     for n, m in mods.items():
-        t = module_penalties(m.lora_A.weight, m.lora_B.weight, m.scaling, basis[n], cfg.beta, cfg.eps,
-                             rm_grad=cfg.lambda_nc * cfg.alpha > 0)
-        terms = {key: terms.get(key, 0) + v for key, v in t.items()}
+        key = (m.lora_A.weight.shape, m.lora_B.weight.shape, basis[n].U_g.shape, basis[n].U_a.shape, m.scaling,
+               m.lora_A.weight.device)
+        stacks.setdefault(key, []).append(n)
+    terms = {}
+    for names in stacks.values():
+        m0 = mods[names[0]]
+        size = max(1, cfg.rm_chunk // (m0.in_features * m0.out_features))
+        for chunk in (names[i:i + size] for i in range(0, len(names), size)):
+            A = torch.stack([mods[n].lora_A.weight for n in chunk])  # (L, r, d_in)
+            B = torch.stack([mods[n].lora_B.weight for n in chunk])  # (L, d_out, r)
+            U_g, g, U_a, a = (torch.stack([getattr(basis[n], f) for n in chunk]) for f in ("U_g", "g", "U_a", "a"))
+            t = module_penalties(A, B, m0.scaling, U_g, g, U_a, a, cfg.beta, cfg.eps,
+                                 rm_grad=cfg.lambda_nc * cfg.alpha > 0)
+            terms = {key: terms.get(key, 0) + v.sum() for key, v in t.items()}
     total = (cfg.lambda_a * terms["R_A"] + cfg.lambda_t * terms["R_T"]
              + cfg.lambda_nc * (cfg.alpha * terms["E_rm"] + (1 - cfg.alpha) * terms["E_geo"]))
-    return total, terms
+    return total, {key: v.detach() for key, v in terms.items()}
 
 
 def l2_penalty(model: nn.Module) -> torch.Tensor:
@@ -569,7 +635,7 @@ def l2_penalty(model: nn.Module) -> torch.Tensor:
     for m in _adapted(model).values():
         with torch.autocast(m.lora_A.weight.device.type, enabled=False):
             A, B = _f32(m.lora_A.weight), _f32(m.lora_B.weight)
-            total = total + m.scaling**2 * ((B.T @ B) * (A @ A.T)).sum()
+            total = total + m.scaling**2 * _inner(B.T @ B, A @ A.T)
     return total
 
 
@@ -598,6 +664,12 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "alignguard
 _PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
+def _peft_keys(mods: dict[str, LoRALinear]) -> dict[str, nn.Parameter]:
+    """PEFT's keys: base_model.model.<module>.lora_A.weight (r, d_in) and .lora_B.weight (d_out, r)."""
+    return {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
+            for n, m in mods.items() for ab in "AB"}
+
+
 def _write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -620,9 +692,8 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str, lora_c
     os.makedirs(out_dir, exist_ok=True)
     existing = [f for f in ADAPTER_FILES if os.path.exists(os.path.join(out_dir, f))]
     if existing and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds an adapter ({', '.join(existing)}); pass overwrite=True to replace it")
-    tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().float().cpu().contiguous()
-               for n, m in mods.items() for ab in "AB"}
+        raise FileExistsError(f"{out_dir} already holds an adapter ({', '.join(existing)}); pass overwrite=True")
+    tensors = {key: p.detach().float().cpu().contiguous() for key, p in _peft_keys(mods).items()}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": lora_cfg.r, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
@@ -665,14 +736,14 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         add_lora(model, cfg)
     mods = lora_modules(model)
     if any(m.merged for m in mods.values()) or any(not math.isclose(m.scaling, cfg.scaling) for m in mods.values()):
-        raise ValueError(f"{cfg_path}: the model's LoRA modules are merged or have another scaling than s = {cfg.scaling:g}")
-    params = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight for n, m in mods.items() for ab in "AB"}
+        raise ValueError(f"{cfg_path}: the model's LoRA modules are merged or their scaling is not s = {cfg.scaling:g}")
+    params = _peft_keys(mods)
     missing, unknown = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or unknown:
         raise ValueError(f"{st_path} does not match the model's LoRA modules: missing {missing}, unknown {unknown}")
     for key, p in params.items():
         if tensors[key].shape != p.shape:
-            raise ValueError(f"{st_path}: {key} has shape {list(tensors[key].shape)}, the model expects {list(p.shape)}")
+            raise ValueError(f"{st_path}: {key} has shape {list(tensors[key].shape)}, the model's {list(p.shape)}")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])

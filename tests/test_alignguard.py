@@ -21,6 +21,15 @@ from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, add_lora, del
 f64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These matrices are tiny: one thread is fastest and does not fight other jobs for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def mlp(d=8, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(OrderedDict(q_proj=nn.Linear(d, d), act=nn.Tanh(), o_proj=nn.Linear(d, d, bias=False),
@@ -45,6 +54,10 @@ def random_basis(d_out, d_in, k, seed=0, dtype=f64):
                        orthonormal(d_in, k, seed + 1, dtype), torch.rand(k, generator=g, dtype=dtype), 1, 1.0)
 
 
+def parts(fb):
+    return fb.U_g, fb.g, fb.U_a, fb.a
+
+
 def causal_mean(h):
     return h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]  # (B, T, h)
 
@@ -54,7 +67,8 @@ class Tiny(nn.Module):
 
     def __init__(self, V=11, d=6, h=5):
         super().__init__()
-        self.emb, self.up, self.down, self.lm_head = nn.Embedding(V, d), nn.Linear(d, h), nn.Linear(h, d), nn.Linear(d, V)
+        self.emb, self.lm_head = nn.Embedding(V, d), nn.Linear(d, V)
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
 
     def forward(self, ids):
         x = self.emb(ids)
@@ -227,6 +241,11 @@ def test_kfac_is_the_exact_fisher_of_one_linear_softmax_layer_and_R_A_is_the_kl(
         F_kfac = F_kfac + p[y] * torch.kron(G_bar, A_bar)
         G_exact = G_exact + p[y] * G_bar
     torch.testing.assert_close(F_kfac, F_exact, rtol=1e-10, atol=1e-14)
+    model32, x32 = copy.deepcopy(model).float(), x.float()  # under bf16 autocast Ā stays an fp32 statistic
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ((A_bf16, _, _),) = kfac_factors(model32, [batch], "empirical", lambda m, b: m(x32[None, None]),
+                                         targets=("0",)).values()
+    torch.testing.assert_close(A_bf16, torch.outer(x32, x32).double(), rtol=1e-6, atol=1e-7)
 
     many = {"input_ids": torch.zeros(1, 20000, dtype=torch.long), "labels": torch.zeros(1, 20000, dtype=torch.long)}
     ((_, G_true, N),) = kfac_factors(model, [many], "true", forward, torch.Generator().manual_seed(0), ("0",)).values()
@@ -237,8 +256,8 @@ def test_kfac_is_the_exact_fisher_of_one_linear_softmax_layer_and_R_A_is_the_kl(
     p1 = torch.softmax((W0 + dW) @ x, 0)
     kl = (p * (p.log() - p1.log())).sum()
     quad = 0.5 * dW.flatten() @ F_exact @ dW.flatten()
-    fb = FisherBasis(*eig_topk(G_exact, V), *eig_topk(torch.outer(x, x), d), 1, 1.0)
-    R_A = module_penalties(torch.eye(d, dtype=f64), dW, 1.0, fb)["R_A"]  # ΔW = B·A with A = I
+    basis = (*eig_topk(G_exact, V), *eig_topk(torch.outer(x, x), d))  # U_g, g, U_a, a
+    R_A = module_penalties(torch.eye(d, dtype=f64), dW, 1.0, *basis)["R_A"]  # ΔW = B·A with A = I
     for name, val in (("½ vec(ΔW)ᵀ F vec(ΔW)", quad), ("R_A", R_A)):
         assert abs(val / kl - 1) < 0.01, f"{name} = {val:.4e} vs KL = {kl:.4e}"
 
@@ -317,7 +336,8 @@ def test_factored_split_and_terms_equal_dense_versions():
     torch.manual_seed(0)
     d_out, d_in, r, s = 7, 9, 3, 1.7
     A, B = torch.randn(r, d_in, dtype=f64), torch.randn(d_out, r, dtype=f64)
-    fb = FisherBasis(orthonormal(d_out, 4), torch.rand(4, dtype=f64), orthonormal(d_in, 3, 1), torch.rand(3, dtype=f64), 1, 1.0)
+    fb = FisherBasis(orthonormal(d_out, 4), torch.rand(4, dtype=f64), orthonormal(d_in, 3, 1), torch.rand(3, dtype=f64),
+                     1, 1.0)  # k_g = 4, k_a = 3: C is rectangular
     dW = s * B @ A
     ref, dW_A, dW_T = dense_terms(dW, fb.U_g, fb.g, fb.U_a, fb.a, beta=2.0, eps=0.0)
 
@@ -336,7 +356,7 @@ def test_factored_split_and_terms_equal_dense_versions():
     torch.testing.assert_close(C2, C)
     assert max(X2.abs().max(), Y2.abs().max(), sq2.abs()) < 1e-12, "the split of ΔW_A is not ΔW_A itself"
 
-    terms = module_penalties(A, B, s, fb, beta=2.0, eps=0.0)
+    terms = module_penalties(A, B, s, *parts(fb), beta=2.0, eps=0.0)
     for name in ("R_A", "R_T", "E_geo", "E_rm"):
         torch.testing.assert_close(terms[name], ref[name], msg=f"{name}: {terms[name]} vs dense {ref[name]}")
     assert 0 < terms["E_geo"] < 1 and 0 < terms["E_rm"] < 1
@@ -346,7 +366,7 @@ def test_factored_split_and_terms_equal_dense_versions():
     C_lit = U_g.T @ dW @ U_a
     dW_A = U_g @ C_lit @ U_a.T
     cos = (dW_A * (dW - dW_A)).sum() ** 2 / (dW_A.pow(2).sum() * (dW - dW_A).pow(2).sum())
-    got = module_penalties(A, B, s, FisherBasis(U_g, fb.g, U_a, fb.a, 1, 1.0), eps=0.0)["cos_literal"]
+    got = module_penalties(A, B, s, U_g, fb.g, U_a, fb.a, eps=0.0)["cos_literal"]
     assert cos > 1e-4
     torch.testing.assert_close(got, cos)
 
@@ -358,7 +378,7 @@ def test_gradcheck_penalty_terms(name):
     B = torch.randn(5, 3, dtype=f64, requires_grad=True)
     fb = random_basis(5, 6, 2)
     beta = 0.0 if name == "E_rm" else 1.0  # ρ is held constant in backward; with β = 0 it is constant
-    assert torch.autograd.gradcheck(lambda A, B: module_penalties(A, B, 1.3, fb, beta)[name], (A, B))
+    assert torch.autograd.gradcheck(lambda A, B: module_penalties(A, B, 1.3, *parts(fb), beta)[name], (A, B))
 
 
 def test_e_rm_gradient_treats_rho_as_a_constant():
@@ -366,25 +386,26 @@ def test_e_rm_gradient_treats_rho_as_a_constant():
     A = torch.randn(3, 6, dtype=f64, requires_grad=True)
     B = torch.randn(5, 3, dtype=f64, requires_grad=True)
     fb = random_basis(5, 6, 2)
-    ours = torch.autograd.grad(module_penalties(A, B, 1.3, fb, beta=2.0, eps=0.0)["E_rm"], (A, B))
+    ours = torch.autograd.grad(module_penalties(A, B, 1.3, *parts(fb), beta=2.0, eps=0.0)["E_rm"], (A, B))
     dW = 1.3 * B @ A
-    with torch.no_grad():
-        _, dW_A, dW_T = dense_terms(dW, fb.U_g, fb.g, fb.U_a, fb.a, 2.0, 0.0)
-        tau = dW.pow(2).mean().sqrt()
-        rho = 1 + 2.0 * torch.sigmoid((dW.abs() - tau) / tau)
     dW_A = fb.U_g @ fb.U_g.T @ dW @ fb.U_a @ fb.U_a.T
     dW_T = dW - dW_A
+    with torch.no_grad():  # ρ is a constant weight (DESIGN 3.3)
+        tau = dW.pow(2).mean().sqrt()
+        rho = 1 + 2.0 * torch.sigmoid((dW.abs() - tau) / tau)
     ref = (rho * (dW_A * dW_T).abs()).sum() / ((rho * (dW_A**2 + dW_T**2) / 2).sum())
     for got, want in zip(ours, torch.autograd.grad(ref, (A, B))):
         torch.testing.assert_close(got, want)
 
 
-def lora_stack(n, d, r=4, k=4):
+def lora_stack(shapes, r=4, k=4):
+    """A Sequential of bias-free Linear layers (d_in, d_out), LoRA on all, B != 0, a random basis each."""
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(n)])
+    model = nn.Sequential(*[nn.Linear(d_in, d_out, bias=False) for d_in, d_out in shapes])
     add_lora(model, LoRAConfig(r=r, targets="all-linear"))
     randomize_B(model, std=0.02)
-    basis = {name: random_basis(d, d, k, seed=i, dtype=torch.float32) for i, name in enumerate(lora_modules(model))}
+    basis = {name: random_basis(m.out_features, m.in_features, k, seed=i, dtype=torch.float32)
+             for i, (name, m) in enumerate(lora_modules(model).items())}
     return model, basis
 
 
@@ -392,7 +413,7 @@ def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
     d = 512
 
     def saved_bytes(n):
-        model, basis = lora_stack(n, d)
+        model, basis = lora_stack([(d, d)] * n)
         storages = {}
 
         def pack(t):  # a tensor saved by several ops, or a view, holds its memory once
@@ -402,7 +423,7 @@ def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             reg, terms = penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.5))
         reg.backward()
-        assert terms["E_rm"].requires_grad and all(p.grad is not None for p in lora_parameters(model))
+        assert all(p.grad is not None for p in lora_parameters(model))
         return sum(storages.values())
 
     growth, dense = saved_bytes(8) - saved_bytes(2), 6 * d * d * 4
@@ -410,10 +431,12 @@ def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
 
 
 def test_penalties_are_fp32_under_bf16_autocast_and_totals_add_up():
-    model, basis = lora_stack(3, 16, r=4, k=4)
+    model, basis = lora_stack([(16, 16), (16, 24), (24, 16), (16, 16), (16, 24)])  # stacks of 2, 2 and 1
     cfg = AlignGuardConfig(lambda_a=10.0, lambda_t=0.5, lambda_nc=2.0, alpha=0.3, beta=1.5)
-    F_diag = {n: torch.rand(16, 16) for n in basis}
+    F_diag = {n: torch.rand(m.weight.shape) for n, m in lora_modules(model).items()}
     ref, ref_terms = penalties(model, basis, cfg)
+    one_at_a_time, _ = penalties(model, basis, AlignGuardConfig(**{**cfg.__dict__, "rm_chunk": 1}))
+    torch.testing.assert_close(one_at_a_time, ref)
     ref_l2, ref_ewc = l2_penalty(model), ewc_penalty(model, F_diag)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total, terms = penalties(model, basis, cfg)
@@ -422,18 +445,31 @@ def test_penalties_are_fp32_under_bf16_autocast_and_totals_add_up():
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want)
 
-    per_module = [module_penalties(m.lora_A.weight, m.lora_B.weight, m.scaling, basis[n], cfg.beta, cfg.eps)
+    per_module = [module_penalties(m.lora_A.weight, m.lora_B.weight, m.scaling, *parts(basis[n]), cfg.beta, cfg.eps)
                   for n, m in lora_modules(model).items()]
     S = {k: sum(t[k] for t in per_module) for k in per_module[0]}
-    torch.testing.assert_close(total, cfg.lambda_a * S["R_A"] + cfg.lambda_t * S["R_T"]
-                               + cfg.lambda_nc * (cfg.alpha * S["E_rm"] + (1 - cfg.alpha) * S["E_geo"]))
+    by_module = cfg.lambda_a * S["R_A"] + cfg.lambda_t * S["R_T"] + cfg.lambda_nc * (
+        cfg.alpha * S["E_rm"] + (1 - cfg.alpha) * S["E_geo"])
+    torch.testing.assert_close(total, by_module)
+    params = lora_parameters(model)
+    for stacked, single in zip(torch.autograd.grad(ref, params), torch.autograd.grad(by_module, params)):
+        torch.testing.assert_close(stacked, single)  # stacking same-shape modules changes no gradient
     dWs = {n: delta_weight(m) for n, m in lora_modules(model).items()}
     torch.testing.assert_close(l2, sum(dW.pow(2).sum() for dW in dWs.values()))
     torch.testing.assert_close(ewc, 0.5 * sum((F_diag[n] * dW.pow(2)).sum() for n, dW in dWs.items()))
 
-    _, no_rm = penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.0, beta=cfg.beta))
-    assert not no_rm["E_rm"].requires_grad  # weight 0: evaluated for the log only
-    torch.testing.assert_close(no_rm["E_rm"], ref_terms["E_rm"].detach())
+    fresh, _ = lora_stack([(16, 16), (16, 24)])
+    for m in lora_modules(fresh).values():
+        nn.init.zeros_(m.lora_B.weight)  # the first step: B = 0, every ratio is 0/0 without ε
+    reg, at_zero = penalties(fresh, {n: basis[n] for n in list(basis)[:2]}, cfg)
+    reg.backward()
+    assert reg == 0 and all(v == 0 for v in at_zero.values()), at_zero
+    assert all(torch.isfinite(p.grad).all() for p in lora_parameters(fresh)), "non-finite gradient at B = 0"
+
+    geo_only = AlignGuardConfig(lambda_a=0, lambda_t=0, lambda_nc=1, alpha=0, beta=cfg.beta)
+    no_rm, no_rm_terms = penalties(model, basis, geo_only)
+    torch.testing.assert_close(no_rm_terms["E_rm"], ref_terms["E_rm"])  # weight 0: evaluated for the log only
+    torch.testing.assert_close(no_rm, S["E_geo"])
     with pytest.raises(ValueError, match="missing"):
         penalties(model, {n: basis[n] for n in list(basis)[:2]}, cfg)
 
@@ -452,7 +488,7 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     out = tmp_path / "adapter"
     save_adapter(model, out, "tiny-base", cfg, meta={"lambda_a": 1e3, "data_hash": "abc"})
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 8.0)
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 8)
     assert config["target_modules"] == ["o_proj", "q_proj"] and config["base_model_name_or_path"] == "tiny-base"
     assert json.loads((out / "alignguard.json").read_text())["meta"]["data_hash"] == "abc"
     tensors = load_file(str(out / "adapter_model.safetensors"))
@@ -472,7 +508,7 @@ def test_save_and_load_adapter_round_trip(tmp_path):
 
     tensors["base_model.model.q_proj.lora_A.weight"] = torch.zeros(4, 7)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: base_model.model.q_proj.lora_A.weight has shape \[4, 7\]"):
+    with pytest.raises(ValueError, match=r"safetensors: base_model.model.q_proj.lora_A.weight has shape \[4, 7\]"):
         load_adapter(copy.deepcopy(base), out)
     del tensors["base_model.model.q_proj.lora_A.weight"]
     save_file(tensors, str(out / "adapter_model.safetensors"))
@@ -506,30 +542,40 @@ def test_peft_loads_our_adapter_with_the_same_logits(tmp_path, rslora):
     with torch.no_grad():
         ours, plain = model(ids).logits, base(ids).logits
     assert (ours - plain).abs().max() > 1e-3, "the adapter changes nothing; the comparison would be empty"
-    save_adapter(model, tmp_path / "adapter", "tiny-random-llama", cfg)
+    base.config.save_pretrained(str(tmp_path / "base"))  # a local base path: PEFT looks nothing up online
+    save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"), cfg)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, ours, rtol=0, atol=1e-5)
+    peft_model.save_pretrained(str(tmp_path / "by_peft"))  # and back: PEFT's own files into our LoRA
+    fresh = copy.deepcopy(base)
+    assert sorted(load_adapter(fresh, tmp_path / "by_peft")) == sorted(names)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, ours, rtol=0, atol=1e-5)
 
 
 def test_alignguard_on_a_transformers_llama_trains():
     model = tiny_hf_llama()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 128, (4, 12), generator=g)
-    labels = torch.full_like(ids, -100)
-    labels[:, 4:-1] = ids[:, 5:]  # shifted: position t predicts token t + 1; prompt and last position masked
-    batch = {"input_ids": ids, "labels": labels}
+
+    def batch():
+        ids = torch.randint(0, 128, (4, 12), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:, 4:-1] = ids[:, 5:]  # shifted: position t predicts token t + 1; prompt and last position masked
+        return {"input_ids": ids, "labels": labels}
+
+    align, (ids, labels) = [batch(), batch()], batch().values()
     lora = LoRAConfig(r=4, alpha=8.0)
-    basis = estimate_fisher(model, [batch], k=8, targets=lora.targets, generator=torch.Generator().manual_seed(0))
+    basis = estimate_fisher(model, align, k=8, targets=lora.targets, generator=torch.Generator().manual_seed(0))
     add_lora(model, lora)
-    again = estimate_fisher(model, [batch], k=8, generator=torch.Generator().manual_seed(0))
+    again = estimate_fisher(model, align, k=8, generator=torch.Generator().manual_seed(0))
     for n in basis:
         torch.testing.assert_close(again[n].g, basis[n].g)
     W0 = model.model.layers[0].self_attn.q_proj.weight.clone()
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(20):
         logits = model(ids).logits
         task = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         reg, terms = penalties(model, basis, AlignGuardConfig(k=8))
@@ -537,6 +583,6 @@ def test_alignguard_on_a_transformers_llama_trains():
         (task + reg).backward()
         opt.step()
         losses.append(task.item())
-    assert losses[-1] < losses[0] - 0.5, f"task loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < losses[0] - 0.3, f"task loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, W0), "the base weight moved"
     assert float(terms["R_A"]) > 0 and float(terms["cos_literal"]) < 1e-6, terms
