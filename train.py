@@ -1,5 +1,6 @@
 """Fine-tune a Llama-style chat model with AlignGuard-LoRA (or a baseline) and write a PEFT adapter.
 
+    python train.py                      # the demo: plain LoRA vs AlignGuard-LoRA on data/demo, one table
     python train.py --ckpt DIR --task data/sst2.jsonl --align data/align.jsonl --out runs/sst2
     python train.py --ckpt DIR --task data/sst2.jsonl --method lora --out runs/sst2-lora
     torchrun --nproc_per_node 2 train.py --ckpt DIR --task data/sst2.jsonl --out runs/ddp
@@ -28,10 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, estimate_fisher, ewc_penalty,
-                        l2_penalty, load_fisher, lora_parameters, merged_state_dict, penalties, save_adapter,
-                        save_fisher)
-from data import collate, encode_pairs, load_tokenizer, read_align, read_task
+from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, disable_lora, estimate_fisher,
+                        ewc_penalty, l2_penalty, load_adapter, load_fisher, lora_parameters, merged_state_dict,
+                        penalties, remove_lora, save_adapter, save_fisher)
+from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
+from eval import EvalConfig, balanced_subset, compare, evaluate_model, format_report, load_eval_data
 from model import Llama, ModelConfig, init_weights, load_model, resolve_checkpoint, save_model
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
@@ -451,7 +453,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             save_model(model, out / "model", tokenizer_from=Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0],
                        overwrite=True)
         else:
-            meta = {"method": cfg.method, "lambda_l2": cfg.lambda_l2, "lambda_ewc": cfg.lambda_ewc,
+            meta = {"method": cfg.method, "task_rows": len(task), "lambda_l2": cfg.lambda_l2, "lambda_ewc": cfg.lambda_ewc,
                     "alignguard": asdict(agc), "fisher_cache": str(cache) if basis is not None else None}
             save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.ckpt), lora_cfg=lora, meta=meta,
                          overwrite=True)
@@ -464,6 +466,41 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+# ----------------------------------------------------------------------------- the demo
+
+DEMO_EVAL = dict(ckpt="data/demo", task_dev="data/sst2_dev.jsonl", heldout="data/general_heldout.jsonl",
+                 align="data/align_heldout.jsonl")
+
+
+def demo(out: str = "", limit: int = 400, steps: int = 0, methods=("lora", "alignguard")) -> dict:
+    """`python train.py` alone: the shipped aligned demo model fine-tuned on the sentiment task with
+    each method (TrainConfig defaults: data/demo, data/sst2.jsonl, data/align.jsonl), then DRIFTCHECK
+    (a balanced subset of `limit` prompts), task accuracy, forgetting and alignment KL for the base
+    model and every adapter, printed as one table and written as report.md / report.json in `out`."""
+    out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    t0 = time.time()
+    for method in methods:
+        train(TrainConfig(method=method, out=str(out / method), steps=steps), LoRAConfig(), AlignGuardConfig())
+    ecfg = EvalConfig(**DEMO_EVAL, limit=limit, out=str(out / "report"))
+    sets = load_eval_data(ecfg)
+    sets["driftcheck"] = balanced_subset(driftcheck_prompts(), limit)
+    tok, model = load_tokenizer(ecfg.ckpt), load_model(ecfg.ckpt)
+    results = [evaluate_model(model, tok, "base", ecfg, **sets)]
+    for method in methods:
+        load_adapter(model, out / method / "adapter")
+        results.append(evaluate_model(model, tok, method, ecfg, **sets, base=disable_lora, method=method,
+                                      adapter=str(out / method / "adapter")))
+        remove_lora(model)
+    report = compare(results)
+    report["seconds"] = time.time() - t0
+    text = format_report(report)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(text)
+    print(f"demo: {report['seconds']:.0f}s -> {out}/report.md", file=sys.stderr)
+    return report
 
 
 # ----------------------------------------------------------------------------- command line
@@ -510,7 +547,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, LoRAConfig, AlignGuardConfig]:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if not argv:
+            return demo()
         cfg, lora, agc = parse_args(argv)
         return train(cfg, lora, agc)
     except (ValueError, FloatingPointError) as e:

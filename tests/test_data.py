@@ -330,7 +330,7 @@ BAD_JSONL = [  # (reader, file content, text the error must contain besides the 
     (data.read_task, '{"sentence": "s", "label": 2}\n', "line 1, field 'label': expected 0 or 1"),
     (data.read_task, '{"sentence": "s", "label": -1}\n', "test split has no labels"),
     (data.read_task, '{"sentence": "s", "label": true}\n', "line 1, field 'label'"),
-    (data.read_task, '{"text": "s"}\n', "line 1: missing field 'prompt'"),
+    (data.read_task, '{"response": "s"}\n', "line 1: missing field 'prompt'"),
     (data.read_mc, '{"prompt": "p", "choices": ["a"], "answer": 0}\n', "line 1, field 'choices'"),
     (data.read_mc, '{"prompt": "p", "choices": ["a", "b"], "answer": 2}\n', "line 1, field 'answer'"),
     (data.read_mc, '{"sentence": "s", "label": "1"}\n', "line 1, field 'label'"),

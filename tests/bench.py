@@ -1,0 +1,528 @@
+"""Speed and memory of our stack (model.py + alignguard.py + train.py's loss) next to transformers + peft,
+on the same random-weight Llama, in one run on one machine. Every number is the median of several
+repetitions after warm-up; every ratio is ours / theirs.
+
+    python tests/bench.py --shape small --quick                 # ~10M params, a minute or two on CPU
+    python tests/bench.py --shape smollm --json bench.json      # SmolLM2-135M shape, fp32 and bf16
+    python tests/bench.py --shape 1b --device cuda --dtype bf16 # Llama-3.2-1B shape, MFU on a GPU
+    python tests/bench.py --shape small --dtype fp32 --profile  # + torch.profiler table of our step
+
+What is measured, per shape and dtype (fp32, or bf16: base weights in bf16 under autocast, LoRA in fp32,
+as train.py --dtype bf16 does):
+  - LoRA training step (forward, backward, AdamW on the LoRA parameters), tokens/s and peak memory, r = 8,
+    alpha = 16, no dropout, targets q,k,v,o and all-linear. Ours: add_lora, model(input_ids),
+    train.normalised_loss(train.token_loss_sum(...)). Theirs: peft.get_peft_model(LoraConfig(...)),
+    model(input_ids, use_cache=False).logits and the same loss. Each (stack, targets, dtype) runs in its
+    own subprocess; on CPU the peak is the RSS high-water mark above the RSS after setup (reset through
+    /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above the allocation after setup;
+  - the AlignGuard step (plain step + alignguard.penalties, random orthonormal Fisher basis, k = 32 per
+    module, all-linear, r = 8) against our plain step: overhead; goal <= 10%;
+  - alignguard.estimate_fisher on one batch against one plain step (goal <= 2x), split into the per-batch
+    K-FAC accumulation (kfac_factors) and the one-off eigendecompositions;
+  - batched greedy generation (left-padded prompts of different lengths, eos disabled so every row makes
+    max_new_tokens): model.generate against transformers' generate, tokens/s, and whether the tokens agree;
+  - the matmul peak of the machine (one large torch.mm) and the FLOP/s our LoRA step achieves.
+
+transformers and peft are optional: without them only our own measurements run.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: model.py, alignguard.py, train.py
+
+from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, add_lora, estimate_fisher, kfac_factors,  # noqa: E402
+                        lora_modules, lora_parameters, penalties)
+from model import Llama, ModelConfig, generate, init_weights  # noqa: E402
+from train import normalised_loss, token_loss_sum  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all-linear": "all-linear"}
+GOALS = {"train": 1.3, "memory": 0.8, "alignguard": 0.10, "fisher": 2.0, "generate": 2.0}
+
+
+@dataclass
+class Shape:
+    model: ModelConfig  # the random-weight model both stacks get
+    batch: int  # B, rows per training step
+    seq: int  # T, tokens per row
+    gen_prompts: tuple[int, ...]  # prompt lengths of the generation batch (left-padded to the longest)
+    gen_new: int  # max_new_tokens of generation
+    cuda_only: bool = False  # too large for a CPU run
+
+
+SHAPES = {
+    # ~8.5M parameters: quick enough to iterate on with two CPU cores
+    "small": Shape(ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                               rope_theta=100000.0),
+                   batch=4, seq=256, gen_prompts=(64, 48, 32, 16), gen_new=32),
+    # HuggingFaceTB/SmolLM2-135M's config.json
+    "smollm": Shape(ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                                rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
+                    batch=4, seq=256, gen_prompts=(64, 48, 32, 16), gen_new=32),
+    # meta-llama/Llama-3.2-1B's config.json
+    "1b": Shape(ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                            rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                batch=8, seq=2048, gen_prompts=(256, 192, 128, 64, 256, 192, 128, 64), gen_new=128, cuda_only=True),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def have_reference() -> str | None:
+    """None when transformers and peft import, else the reason they do not."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f"{e}; install them with `pip install transformers peft` to compare against them"
+    return None
+
+
+def env_header(device: str, threads: int) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    versions = [f"torch {torch.__version__}"]
+    for name in ("transformers", "peft"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            versions.append(f"{name} missing")
+    gpu = f" | {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"# {' | '.join(versions)} | python {platform.python_version()} | threads {threads} | {cpu}{gpu}"
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns: dict, reps: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions alternating within every repetition so that a
+    noisy neighbour slows all of them alike."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, device))
+    return times
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_reset(device: str) -> int:
+    """Start a new high-water mark; returns the current usage in bytes (the baseline)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def memory_peak(device: str) -> int:
+    """The high-water mark in bytes since memory_reset."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, device: str) -> dict:
+    """Random tokens as chat SFT rows: a prompt of T/4..T/2 tokens without loss, then the response.
+    labels are pre-shifted (labels[t] = input_ids[t + 1]), -100 on the prompt and the last position."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    prompt = torch.randint(T // 4, T // 2 + 1, (B,), generator=g)
+    labels[torch.arange(T)[None, :] < prompt[:, None] - 1] = -100
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+
+def build_ours(shape: Shape, dtype: torch.dtype, device: str, seed: int) -> Llama:
+    """The benchmark model: init_weights(seed) in fp32, then cast; both stacks start from these tensors."""
+    model = init_weights(Llama(shape.model), seed=seed)
+    return model.to(device=device, dtype=dtype)
+
+
+def build_theirs(shape: Shape, dtype: torch.dtype, device: str, seed: int):
+    """transformers' LlamaForCausalLM (SDPA attention) holding exactly build_ours' weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**shape.model.to_hf(), attn_implementation="sdpa"))
+    hf.load_state_dict(build_ours(shape, torch.float32, "cpu", seed).state_dict(), strict=True)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight or not shape.model.tie_word_embeddings
+    hf.generation_config.eos_token_id = None  # generation always runs to max_new_tokens
+    hf.generation_config.pad_token_id = 0
+    return hf.to(device=device, dtype=dtype)
+
+
+def random_basis(model, k: int, seed: int) -> dict[str, FisherBasis]:
+    """A random orthonormal Fisher basis (k eigenvectors per factor) for every LoRA module: the penalties
+    cost the same whatever the basis, so the benchmark does not need a real Fisher."""
+    g = torch.Generator().manual_seed(seed)
+    basis = {}
+    for name, m in lora_modules(model).items():
+        kg, ka = min(k, m.out_features), min(k, m.in_features)
+        U_g = torch.linalg.qr(torch.randn(m.out_features, kg, generator=g)).Q
+        U_a = torch.linalg.qr(torch.randn(m.in_features, ka, generator=g)).Q
+        eg = torch.rand(kg, generator=g).sort(descending=True).values
+        ea = torch.rand(ka, generator=g).sort(descending=True).values
+        basis[name] = FisherBasis(U_g, eg, U_a, ea, n_tokens=1, w0_norm=m.weight.float().norm().item())
+        basis[name] = basis[name].to(m.weight.device)
+    return basis
+
+
+def train_flops(cfg: ModelConfig, targets, r: int, B: int, T: int) -> float:
+    """FLOPs of one LoRA training step, counted as multiply-adds x 2:
+
+        forward   2·N·BT + 2·N_lora·BT             N = Σ d_in·d_out over all Linear weights incl. lm_head,
+        backward  2·N·BT + 4·N_lora·BT             N_lora = Σ r·(d_in + d_out) over adapted modules
+        attention 3 · L · B · 4·T²·nh·hd           QKᵀ and PV forward, twice that backward
+
+    The frozen weights get no gradient (no third 2·N·BT); attention is counted over the full T x T as in
+    PaLM's MFU, without the causal half; norms, activations, softmax, loss and the optimizer are not counted.
+    The backward input gradient of the first adapted layer is counted although autograd may skip it.
+    """
+    C, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    linears = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
+               "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+    N = L * sum(i * o for i, o in linears.values()) + C * V
+    adapted = linears if targets == "all-linear" else {n: linears[n] for n in targets}
+    N_lora = L * sum(r * (i + o) for i, o in adapted.values())
+    attention = 3 * L * B * 4 * T * T * cfg.num_attention_heads * cfg.head_dim
+    return (4 * N + 6 * N_lora) * B * T + attention
+
+
+def matmul_peak(dtype: torch.dtype, device: str, reps: int) -> float:
+    """FLOP/s of one large square torch.mm: the best of `reps` after one warm-up (a peak is what the
+    machine can do; a busy neighbour only ever lowers it)."""
+    n = 8192 if device == "cuda" else 4096
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    times = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
+    return 2 * n**3 / min(times)
+
+
+# ----------------------------------------------------------------------------- measurements (run in workers)
+
+def measure_train(task: dict) -> dict:
+    """One stack, one target set, one dtype: LoRA step time and peak memory; for ours with all-linear
+    targets also the AlignGuard step and the Fisher estimation, interleaved with the plain step."""
+    shape, dtype, device = SHAPES[task["shape"]], DTYPES[task["dtype"]], task["device"]
+    targets = TARGETS[task["targets"]]
+    torch.manual_seed(task["seed"])
+    batch = make_batch(shape.model, task["batch"], task["seq"], task["seed"], device)
+    n_tokens = int((batch["labels"] != -100).sum())
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    if task["stack"] == "ours":
+        model = build_ours(shape, dtype, device, task["seed"])
+        add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0, targets=targets))
+        params = lora_parameters(model)
+        forward = model
+    else:
+        import peft
+        base = build_theirs(shape, dtype, device, task["seed"])
+        model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                          target_modules=list(targets) if targets != "all-linear" else targets))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def forward(ids):
+            return model(input_ids=ids, use_cache=False).logits
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(penalty=None):
+        with autocast:
+            logits = forward(batch["input_ids"])
+        loss = normalised_loss(token_loss_sum(logits, batch["labels"]), n_tokens)
+        loss.backward()
+        if penalty is not None:  # as train.py: the penalty's own backward, in fp32 outside autocast
+            penalty()[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    baseline = memory_reset(device)
+    for _ in range(task["warmup"]):
+        step()
+    peak = memory_peak(device) - baseline
+    out = {"n_trainable": sum(p.numel() for p in params), "n_loss_tokens": n_tokens, "peak_bytes": peak,
+           "setup_bytes": baseline}
+    if task["stack"] == "theirs" or task["targets"] != "all-linear":
+        out["step_s"] = time_interleaved({"step": step}, task["reps"], device)["step"]
+        return out
+
+    basis, agc = random_basis(model, k=32, seed=task["seed"]), AlignGuardConfig(k=32)
+    ag_step = lambda: step(penalty=lambda: penalties(model, basis, agc))  # noqa: E731
+    ag_step()  # warm-up
+    t = time_interleaved({"step": step, "ag_step": ag_step}, task["reps"], device)
+    out["step_s"], out["ag_step_s"] = t["step"], t["ag_step"]
+
+    # estimate_fisher = kfac_factors (per batch) + one eigh per factor (once per run, seconds each at
+    # d = 1536 on a CPU): the factors are timed like the steps, the whole estimation once
+    gen = torch.Generator(device).manual_seed(task["seed"])
+    with autocast:  # as train.py estimates it: under the run's autocast
+        kfac = lambda: kfac_factors(model, [batch], kind="true", generator=gen)  # noqa: E731
+        kfac()  # warm-up
+        out["kfac_s"] = time_interleaved({"kfac": kfac}, task["reps"], device)["kfac"]
+        out["fisher_s"] = [timed(lambda: estimate_fisher(model, [batch], k=32, kind="true", generator=gen), device)]
+    return out
+
+
+def measure_generate(task: dict) -> dict:
+    """Both stacks in one process, alternating: greedy generation tokens/s on the same left-padded prompts,
+    the tokens each made, and the largest logit difference of a plain forward (the same weights?)."""
+    shape, dtype, device = SHAPES[task["shape"]], DTYPES[task["dtype"]], task["device"]
+    ours = build_ours(shape, dtype, device, task["seed"]).eval()
+    theirs = build_theirs(shape, dtype, device, task["seed"]).eval()
+    g = torch.Generator().manual_seed(task["seed"])
+    prompts = [torch.randint(1, shape.model.vocab_size, (n,), generator=g).tolist() for n in shape.gen_prompts]
+    P, new = max(shape.gen_prompts), task["gen_new"]
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):], mask[b, P - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        logit_diff = (ours(ids[:1]).float() - theirs(input_ids=ids[:1]).logits.float()).abs().max().item()
+
+    result = {}
+
+    def run_ours():
+        result["ours"] = generate(ours, prompts, max_new_tokens=new, eos_ids=[-1], pad_id=0)
+
+    def run_theirs():
+        with torch.no_grad():
+            out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)
+        result["theirs"] = out[:, P:].tolist()
+
+    run_ours(), run_theirs()  # warm-up
+    t = time_interleaved({"ours": run_ours, "theirs": run_theirs}, task["reps"], device)
+    a, b = result["ours"], result["theirs"]
+    n_equal = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    return {"ours_s": t["ours"], "theirs_s": t["theirs"], "new_tokens": len(prompts) * new,
+            "lengths_ours": [len(r) for r in a], "lengths_theirs": [len(r) for r in b],
+            "tokens_equal": a == b, "n_equal": n_equal, "logit_max_diff": logit_diff}
+
+
+def measure_profile(task: dict) -> dict:
+    """torch.profiler over a few of our LoRA steps, the ops sorted by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape, dtype, device = SHAPES[task["shape"]], DTYPES[task["dtype"]], task["device"]
+    torch.manual_seed(task["seed"])
+    batch = make_batch(shape.model, task["batch"], task["seq"], task["seed"], device)
+    n_tokens = int((batch["labels"] != -100).sum())
+    model = build_ours(shape, dtype, device, task["seed"])
+    add_lora(model, LoRAConfig(r=8, alpha=16, targets=TARGETS[task["targets"]]))
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            logits = model(batch["input_ids"])
+        normalised_loss(token_loss_sum(logits, batch["labels"]), n_tokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(task["warmup"]):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(task["reps"]):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return {"table": prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=55)}
+
+
+WORKERS = {"train": measure_train, "generate": measure_generate, "profile": measure_profile}
+
+
+def run_worker(task: dict) -> dict | None:
+    """Runs one measurement in a fresh Python process (its own memory high-water mark, no state left by
+    another stack); returns its result, or None after printing why it failed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        print(f"  ! {task['kind']} {task.get('stack', '')} {task.get('targets', '')} {task['dtype']} failed "
+              f"(exit {proc.returncode}):\n{tail}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def worker_main(task: dict):
+    torch.set_num_threads(task["threads"])
+    if task.get("quiet_hf"):  # deprecation chatter of the reference stack
+        import transformers
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    print("RESULT " + json.dumps(WORKERS[task["kind"]](task)), flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def verdict(ratio: float, goal: float, higher_is_better: bool, fmt: str = "{:g}x") -> str:
+    ok = ratio >= goal if higher_is_better else ratio <= goal
+    return f"{'>=' if higher_is_better else '<='} {fmt.format(goal)} {'ok' if ok else 'MISSED'}"
+
+
+def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | None, peak: float, B: int, T: int):
+    """The table of one shape and dtype; `cells` maps (stack, targets) to measure_train's results."""
+    shape = SHAPES[shape_name]
+    rows = []
+
+    def row(name, ours, theirs, ratio, goal):
+        rows.append((name, ours, theirs, ratio, goal))
+
+    mib = 1 / 2**20
+    for tname in TARGETS:
+        o, t = cells.get(("ours", tname)), cells.get(("theirs", tname))
+        if o is None:
+            row(f"LoRA step {tname}: tokens/s", "failed", "", "", "")
+            continue
+        tok_o = B * T / med(o["step_s"])
+        if t is not None:
+            tok_t = B * T / med(t["step_s"])
+            row(f"LoRA step {tname}: tokens/s", f"{tok_o:,.0f}", f"{tok_t:,.0f}", f"{tok_o / tok_t:.2f}x",
+                verdict(tok_o / tok_t, GOALS["train"], True))
+            row(f"LoRA step {tname}: peak MiB", f"{o['peak_bytes'] * mib:,.0f}", f"{t['peak_bytes'] * mib:,.0f}",
+                f"{o['peak_bytes'] / t['peak_bytes']:.2f}x", verdict(o["peak_bytes"] / t["peak_bytes"], GOALS["memory"], False))
+            if o["n_trainable"] != t["n_trainable"]:
+                row(f"  !! trainable parameters differ", f"{o['n_trainable']:,}", f"{t['n_trainable']:,}", "", "")
+        else:
+            row(f"LoRA step {tname}: tokens/s", f"{tok_o:,.0f}", "-", "", "")
+            row(f"LoRA step {tname}: peak MiB", f"{o['peak_bytes'] * mib:,.0f}", "-", "", "")
+        flops = train_flops(shape.model, TARGETS[tname], 8, B, T) / med(o["step_s"])
+        row(f"LoRA step {tname}: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
+
+    o = cells.get(("ours", "all-linear"))
+    if o is not None and "ag_step_s" in o:
+        plain, ag = med(o["step_s"]), med(o["ag_step_s"])
+        row("AlignGuard step vs plain: ms", f"{ag * 1e3:,.0f}", f"{plain * 1e3:,.0f} (plain)", f"+{ag / plain - 1:.1%}",
+            verdict(ag / plain - 1, GOALS["alignguard"], False, "{:.0%}"))
+        fisher, kfac = med(o["fisher_s"]), med(o["kfac_s"])
+        row("estimate_fisher(1 batch) vs step: s", f"{fisher:,.2f}", f"{plain:,.2f} (step)", f"{fisher / plain:.2f}x",
+            verdict(fisher / plain, GOALS["fisher"], False))
+        row("  of which K-FAC factors per batch", f"{kfac:,.2f}", "", f"{kfac / plain:.2f}x", "")
+        row("  of which eigh (once per run)", f"{max(fisher - kfac, 0):,.2f}", "", f"{max(fisher - kfac, 0) / plain:.2f}x", "")
+    if gen is not None:
+        tok_o, tok_t = gen["new_tokens"] / med(gen["ours_s"]), gen["new_tokens"] / med(gen["theirs_s"])
+        row("greedy generation: tokens/s", f"{tok_o:,.0f}", f"{tok_t:,.0f}", f"{tok_o / tok_t:.2f}x",
+            verdict(tok_o / tok_t, GOALS["generate"], True))
+        same = "yes" if gen["tokens_equal"] else f"NO ({gen['n_equal']}/{gen['new_tokens']} equal)"
+        row("  same tokens / max logit diff", same, f"{gen['logit_max_diff']:.1e}", "", "")
+
+    head = ("measurement", "ours", "theirs", "ours/theirs", "goal")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+    print("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="small", choices=[*SHAPES, "all"], help="model shape (all: every shape the device runs)")
+    p.add_argument("--dtype", default="all", choices=[*DTYPES, "all"], help="compute dtype")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first; the memory peak is taken over them")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and generated tokens, for checking the script")
+    p.add_argument("--batch", type=int, default=0, help="rows per step (0: the shape's default)")
+    p.add_argument("--seq", type=int, default=0, help="tokens per row (0: the shape's default)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our all-linear LoRA step")
+    p.add_argument("--json", default="", help="write every raw timing and memory figure to this file")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one measurement, JSON task
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker_main(json.loads(args.worker))
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    shapes = [s for s in SHAPES if args.device == "cuda" or not SHAPES[s].cuda_only] if args.shape == "all" else [args.shape]
+    if args.device == "cpu" and any(SHAPES[s].cuda_only for s in shapes):
+        raise SystemExit(f"--shape {args.shape} is for --device cuda only")
+    dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
+    reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    print(env_header(args.device, torch.get_num_threads()))
+    missing = have_reference()
+    if missing:
+        print(f"# transformers/peft not available ({missing}): measuring our stack only")
+
+    peaks = {d: matmul_peak(DTYPES[d], args.device, reps=max(reps, 5)) for d in dtypes}
+    print("# matmul peak (torch.mm, square): " + ", ".join(f"{d} {f / 1e9:,.0f} GFLOP/s" for d, f in peaks.items()))
+    results = {"env": env_header(args.device, torch.get_num_threads()), "peaks": peaks, "runs": []}
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        B, T = args.batch or shape.batch, args.seq or shape.seq
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in Llama(shape.model).parameters())
+        for dtype in dtypes:
+            print(f"\n## {shape_name} ({n_params / 1e6:,.1f}M params), {dtype}, {args.device}, B={B} T={T}, "
+                  f"LoRA r=8 alpha=16, median of {reps} after {warmup} warm-up")
+            base = {"shape": shape_name, "dtype": dtype, "device": args.device, "threads": args.threads,
+                    "seed": args.seed, "batch": B, "seq": T, "reps": reps, "warmup": warmup,
+                    "quiet_hf": missing is None,
+                    "gen_new": max(8, shape.gen_new // 2) if args.quick else shape.gen_new}
+            cells = {}
+            for tname in TARGETS:
+                for stack in ("ours", "theirs") if missing is None else ("ours",):
+                    cells[(stack, tname)] = run_worker({**base, "kind": "train", "stack": stack, "targets": tname})
+            gen = run_worker({**base, "kind": "generate"}) if missing is None else None
+            report(shape_name, dtype, args.device, cells, gen, peaks[dtype], B, T)
+            results["runs"].append({**base, "cells": {f"{s}/{t}": v for (s, t), v in cells.items()}, "generate": gen})
+            if args.profile:
+                prof = run_worker({**base, "kind": "profile", "targets": "all-linear", "reps": min(reps, 3)})
+                if prof is not None:
+                    print(prof["table"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"\n# raw results -> {args.json}")
+
+
+if __name__ == "__main__":
+    main()
