@@ -69,6 +69,7 @@ class TrainConfig:
     log_every: int = 10            # steps between metrics.jsonl lines and progress updates
     n_align: int = 256             # alignment rows used to estimate the Fisher
     fisher_batch: int = 8          # alignment rows per Fisher batch
+    fisher_cache: str = ""         # directory caching Fisher bases across runs (keyed by checkpoint, data, settings); "": --out
     lambda_l2: float = 1e-2        # --method l2: weight of sum ||ΔW||_F^2
     lambda_ewc: float = 1e2        # --method ewc: weight of 1/2 sum F_diag * ΔW^2
     resume: bool = False           # continue the run in --out from its checkpoint
@@ -281,9 +282,13 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         align = encode(read_align(cfg.align)[:cfg.n_align], cfg.align)
         batches = [collate(align[i:i + cfg.fisher_batch], tok.pad_id) for i in range(rank * cfg.fisher_batch, len(align), world * cfg.fisher_batch)]
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        key = file_digest(ckpt_files + [cfg.align])[:16]
-        meta = {"data_hash": key, "k": agc.k, "kind": agc.fisher, "targets": list(lora.targets), "n_align": len(align)}
-        cache = out / f"fisher-{cfg.method}-{key}.safetensors"
+        meta = {"data_hash": file_digest(ckpt_files + [cfg.align])[:16], "k": agc.k, "kind": agc.fisher,
+                "targets": list(lora.targets), "n_align": len(align), "max_len": cfg.max_len, "seed": cfg.seed,
+                "world": world, "dtype": cfg.dtype}
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        cache_dir = Path(cfg.fisher_cache) if cfg.fisher_cache else out
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = cache_dir / f"fisher-{cfg.method}-{key}.safetensors"
         t0 = time.time()
         if cfg.method == "alignguard":
             if cache.exists():

@@ -209,3 +209,18 @@ def test_disk_error_while_saving_keeps_the_previous_checkpoint(tiny_ckpt, task_f
     assert state["step"] == 2
     load_file(str(out / "checkpoint" / "trainable.safetensors"))  # intact
     assert not (out / "checkpoint.tmp").exists()
+
+
+def test_fisher_basis_is_cached_and_reused(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    run(tiny_ckpt, task_file, align_file, tmp_path / "a", "--steps", "2", "--fisher-cache", str(cache))
+    files = list(cache.glob("fisher-alignguard-*.safetensors"))
+    assert len(files) == 1
+
+    def no_estimate(*a, **kw):
+        raise AssertionError("the cached basis should have been reused")
+
+    monkeypatch.setattr(train, "estimate_fisher", no_estimate)
+    run(tiny_ckpt, task_file, align_file, tmp_path / "b", "--steps", "2", "--fisher-cache", str(cache))
+    with pytest.raises(AssertionError, match="reused"):  # other settings, other key: estimated again
+        run(tiny_ckpt, task_file, align_file, tmp_path / "c", "--steps", "2", "--fisher-cache", str(cache), "--k", "3")
