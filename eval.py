@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from alignguard import disable_lora, load_adapter, lora_modules, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
-                  read_driftcheck, read_mc, read_prompts_csv)
+                  read_driftcheck, read_mc, read_prompts_csv, read_task)
 from model import generate, load_model
 
 
@@ -397,30 +397,9 @@ def mc_accuracy(model, tok, rows: list[dict], batch_size: int = 8, max_len: int 
 
 
 def read_heldout(path) -> list:
-    """Held-out general text: a jsonl file whose lines are {"text": str} (a document) or
-    {"prompt": str, "response": str} (an exchange); returns str and (prompt, response) items."""
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-            fields_ = ("text",) if "text" in row else ("prompt", "response")
-            for field in fields_:
-                if field not in row:
-                    raise ValueError(f"{path}, line {n}: missing field '{field}' (a line holds 'text', or "
-                                     f"'prompt' and 'response'; fields here: {', '.join(row) or 'none'})")
-                if not isinstance(row[field], str) or not row[field].strip():
-                    raise ValueError(f"{path}, line {n}, field '{field}': expected a non-empty string, got {row[field]!r}")
-            items.append(row["text"] if "text" in row else (row["prompt"], row["response"]))
-    if not items:
-        raise ValueError(f"{path}: empty file, expected one JSON object per line")
-    return items
+    """Held-out general text: data.read_task's rows, {"text": str} documents as str items and
+    {"prompt", "response"} exchanges (or SST-2 rows) as (prompt, response) items."""
+    return [text if prompt is None else (prompt, text) for prompt, text in read_task(path)]
 
 
 def heldout_loss(model, tok, items: list, batch_size: int = 8, max_len: int = 512) -> dict:
