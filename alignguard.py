@@ -68,7 +68,7 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**24  # most ΔW entries E_rm materialises at once (peak ~10 fp32 copies of that many)
+    rm_chunk: int = 2**18  # most ΔW entries E_rm materialises at once: ~10 fp32 copies stay in cache-friendly, reused heap blocks
 
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):

@@ -272,8 +272,10 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, mask=None, cache=None, cache_pos=0):
-        """input_ids (B, T) -> logits (B, T, V).
+    def forward(self, input_ids, position_ids=None, mask=None, cache=None, cache_pos=0, hidden_only=False):
+        """input_ids (B, T) -> logits (B, T, V), or with hidden_only the final normed hidden states
+        (B, T, C), so that a caller applies lm_head only where it needs logits (labelled positions in
+        training, the last position in generation): with a large vocabulary that is most of the work.
 
         position_ids (B, T) default to cache_pos + arange(T). mask (B, 1, T, S) bool, True where a
         query may attend a key; None means causal over the T tokens given (no padding on the left).
@@ -286,7 +288,8 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)  # (B, T, C) or (B, T, V)
 
 
 def init_weights(model: Llama, seed: int = 0) -> Llama:
@@ -470,21 +473,22 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     # no softmax row is empty (an empty row would give NaN that leaks into later layers)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
     mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, P, P)
-    logits = model(ids, position_ids=positions[:, :P], mask=mask[:, None], cache=cache, cache_pos=0)
+    h = model(ids, position_ids=positions[:, :P], mask=mask[:, None], cache=cache, cache_pos=0, hidden_only=True)
+    logits = model.lm_head(h[:, -1])  # (B, V): only the last prompt position predicts
 
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(P, Tmax):
-        nxt = sample_next(logits[:, -1], temperature, top_p, generator)  # (B,)
+        nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
         nxt = torch.where(done, pad_id, nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
         done |= torch.isin(nxt, eos)
         if bool(done.all()) or t == Tmax - 1:
             break
         logits = model(nxt[:, None], position_ids=positions[:, t:t + 1],
-                       mask=valid[:, None, None, :t + 1], cache=cache, cache_pos=t)
-    result = []
+                       mask=valid[:, None, None, :t + 1], cache=cache, cache_pos=t)[:, -1]  # (B, V)
+    stops, result = set(eos.tolist()), []
     for row in out.tolist():
-        stop = next((i for i, tok in enumerate(row) if tok in set(eos.tolist())), len(row))
+        stop = next((i for i, tok in enumerate(row) if tok in stops), len(row))
         result.append(row[:stop])
     return result

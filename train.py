@@ -106,6 +106,15 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+def batch_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """token_loss_sum of the model on a batch, with lm_head applied only at labelled positions:
+    (N, V) logits instead of (B, T, V), which with a large vocabulary and short responses is most of
+    the step's time and memory."""
+    keep = labels != -100                                   # (B, T)
+    h = model(input_ids, hidden_only=True)[keep]            # (N, C)
+    return token_loss_sum(model.lm_head(h)[None], labels[keep][None])
+
+
 def normalised_loss(loss_sum: torch.Tensor, n_tokens_step: int) -> torch.Tensor:
     """A micro-batch's contribution to the step loss: its token-loss sum over the response tokens of
     the WHOLE accumulated (and, under torchrun, global) batch. Summing the contributions of k
@@ -342,8 +351,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         for i in range(rank * cfg.batch_size, len(heldout), world * cfg.batch_size):
             b = collate(heldout[i:i + cfg.batch_size], tok.pad_id)
             with autocast:
-                logits = model(b["input_ids"].to(device))
-            loss += token_loss_sum(logits, b["labels"].to(device))
+                loss += batch_loss_sum(model, b["input_ids"].to(device), b["labels"].to(device))
             n += int((b["labels"] != -100).sum())
         stats = torch.tensor([loss.item(), n], dtype=torch.float64, device=device)
         if ddp:
@@ -399,8 +407,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         task_loss = torch.zeros((), device=device)
         for b in micro:
             with autocast:
-                logits = model(b["input_ids"].to(device))
-            loss = normalised_loss(token_loss_sum(logits, b["labels"].to(device)), n_step)
+                loss_sum = batch_loss_sum(model, b["input_ids"].to(device), b["labels"].to(device))
+            loss = normalised_loss(loss_sum, n_step)
             (loss * scaler.scale).backward()
             task_loss += loss.detach()
         if ddp:  # sum over processes: each loss was already divided by the global token count

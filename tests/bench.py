@@ -2,9 +2,9 @@
 on the same random-weight Llama, in one run on one machine. Every number is the median of several
 repetitions after warm-up; every ratio is ours / theirs.
 
-    python tests/bench.py --shape small --quick                 # ~10M params, a minute or two on CPU
+    python tests/bench.py --shape small --quick                 # ~10M params, a few minutes on 2 CPU cores
     python tests/bench.py --shape smollm --json bench.json      # SmolLM2-135M shape, fp32 and bf16
-    python tests/bench.py --shape 1b --device cuda --dtype bf16 # Llama-3.2-1B shape, MFU on a GPU
+    python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh  # Llama-3.2-1B shape, MFU on a GPU
     python tests/bench.py --shape small --dtype fp32 --profile  # + torch.profiler table of our step
 
 What is measured, per shape and dtype (fp32, or bf16: base weights in bf16 under autocast, LoRA in fp32,
@@ -13,12 +13,14 @@ as train.py --dtype bf16 does):
     alpha = 16, no dropout, targets q,k,v,o and all-linear. Ours: add_lora, model(input_ids),
     train.normalised_loss(train.token_loss_sum(...)). Theirs: peft.get_peft_model(LoraConfig(...)),
     model(input_ids, use_cache=False).logits and the same loss. Each (stack, targets, dtype) runs in its
-    own subprocess; on CPU the peak is the RSS high-water mark above the RSS after setup (reset through
-    /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above the allocation after setup;
+    own subprocess; the peak over all its plain steps is, on CPU, the RSS high-water mark above the RSS after
+    setup (malloc_trim, then a reset through /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated
+    above the allocation after setup;
   - the AlignGuard step (plain step + alignguard.penalties, random orthonormal Fisher basis, k = 32 per
     module, all-linear, r = 8) against our plain step: overhead; goal <= 10%;
   - alignguard.estimate_fisher on one batch against one plain step (goal <= 2x), split into the per-batch
-    K-FAC accumulation (kfac_factors) and the one-off eigendecompositions;
+    K-FAC accumulation (kfac_factors) and the eigendecompositions, done once per run whatever the number
+    of batches (--no-eigh skips them: minutes at the 1b shape's d = 8192);
   - batched greedy generation (left-padded prompts of different lengths, eos disabled so every row makes
     max_new_tokens): model.generate against transformers' generate, tokens/s, and whether the tokens agree;
   - the matmul peak of the machine (one large torch.mm) and the FLOP/s our LoRA step achieves.
@@ -27,6 +29,7 @@ transformers and peft are optional: without them only our own measurements run.
 """
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -36,8 +39,7 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: m
 from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, add_lora, estimate_fisher, kfac_factors,  # noqa: E402
                         lora_modules, lora_parameters, penalties)
 from model import Llama, ModelConfig, generate, init_weights  # noqa: E402
-from train import normalised_loss, token_loss_sum  # noqa: E402
+from train import batch_loss_sum, normalised_loss, token_loss_sum  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all-linear": "all-linear"}
@@ -98,8 +100,8 @@ def have_reference() -> str | None:
 
 
 def env_header(device: str, threads: int) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    info = Path("/proc/cpuinfo").read_text().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
     versions = [f"torch {torch.__version__}"]
     for name in ("transformers", "peft"):
         try:
@@ -144,6 +146,10 @@ def memory_reset(device: str) -> int:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
+    try:  # hand freed heap memory back to the OS, or steps reuse what setup freed and look smaller
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current VmRSS
     return _proc_status_kib("VmRSS") * 1024
@@ -250,7 +256,9 @@ def measure_train(task: dict) -> dict:
         model = build_ours(shape, dtype, device, task["seed"])
         add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0, targets=targets))
         params = lora_parameters(model)
-        forward = model
+
+        def loss_sum():  # exactly train.py's step: lm_head at labelled positions only
+            return batch_loss_sum(model, batch["input_ids"], batch["labels"])
     else:
         import peft
         base = build_theirs(shape, dtype, device, task["seed"])
@@ -258,36 +266,36 @@ def measure_train(task: dict) -> dict:
                                                           target_modules=list(targets) if targets != "all-linear" else targets))
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def forward(ids):
-            return model(input_ids=ids, use_cache=False).logits
+        def loss_sum():  # what a transformers + peft user runs: logits everywhere, the same token loss
+            return token_loss_sum(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["labels"])
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(penalty=None):
         with autocast:
-            logits = forward(batch["input_ids"])
-        loss = normalised_loss(token_loss_sum(logits, batch["labels"]), n_tokens)
+            loss = normalised_loss(loss_sum(), n_tokens)
         loss.backward()
         if penalty is not None:  # as train.py: the penalty's own backward, in fp32 outside autocast
             penalty()[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # the peak is taken over all plain steps: an allocator settles only after a few steps
     baseline = memory_reset(device)
     for _ in range(task["warmup"]):
         step()
-    peak = memory_peak(device) - baseline
-    out = {"n_trainable": sum(p.numel() for p in params), "n_loss_tokens": n_tokens, "peak_bytes": peak,
-           "setup_bytes": baseline}
+    out = {"step_s": time_interleaved({"step": step}, task["reps"], device)["step"]}
+    out.update(peak_bytes=memory_peak(device) - baseline, setup_bytes=baseline, n_loss_tokens=n_tokens,
+               n_trainable=sum(p.numel() for p in params))
     if task["stack"] == "theirs" or task["targets"] != "all-linear":
-        out["step_s"] = time_interleaved({"step": step}, task["reps"], device)["step"]
         return out
 
+    # AlignGuard against plain steps taken alternately, so that both see the same machine
     basis, agc = random_basis(model, k=32, seed=task["seed"]), AlignGuardConfig(k=32)
     ag_step = lambda: step(penalty=lambda: penalties(model, basis, agc))  # noqa: E731
     ag_step()  # warm-up
     t = time_interleaved({"step": step, "ag_step": ag_step}, task["reps"], device)
-    out["step_s"], out["ag_step_s"] = t["step"], t["ag_step"]
+    out["ag_plain_step_s"], out["ag_step_s"] = t["step"], t["ag_step"]
 
     # estimate_fisher = kfac_factors (per batch) + one eigh per factor (once per run, seconds each at
     # d = 1536 on a CPU): the factors are timed like the steps, the whole estimation once
@@ -296,7 +304,8 @@ def measure_train(task: dict) -> dict:
         kfac = lambda: kfac_factors(model, [batch], kind="true", generator=gen)  # noqa: E731
         kfac()  # warm-up
         out["kfac_s"] = time_interleaved({"kfac": kfac}, task["reps"], device)["kfac"]
-        out["fisher_s"] = [timed(lambda: estimate_fisher(model, [batch], k=32, kind="true", generator=gen), device)]
+        if not task["no_eigh"]:
+            out["fisher_s"] = [timed(lambda: estimate_fisher(model, [batch], k=32, kind="true", generator=gen), device)]
     return out
 
 
@@ -352,8 +361,7 @@ def measure_profile(task: dict) -> dict:
 
     def step():
         with autocast:
-            logits = model(batch["input_ids"])
-        normalised_loss(token_loss_sum(logits, batch["labels"]), n_tokens).backward()
+            normalised_loss(batch_loss_sum(model, batch["input_ids"], batch["labels"]), n_tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -436,14 +444,17 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
 
     o = cells.get(("ours", "all-linear"))
     if o is not None and "ag_step_s" in o:
-        plain, ag = med(o["step_s"]), med(o["ag_step_s"])
+        plain, ag = med(o["ag_plain_step_s"]), med(o["ag_step_s"])
         row("AlignGuard step vs plain: ms", f"{ag * 1e3:,.0f}", f"{plain * 1e3:,.0f} (plain)", f"+{ag / plain - 1:.1%}",
             verdict(ag / plain - 1, GOALS["alignguard"], False, "{:.0%}"))
-        fisher, kfac = med(o["fisher_s"]), med(o["kfac_s"])
-        row("estimate_fisher(1 batch) vs step: s", f"{fisher:,.2f}", f"{plain:,.2f} (step)", f"{fisher / plain:.2f}x",
-            verdict(fisher / plain, GOALS["fisher"], False))
-        row("  of which K-FAC factors per batch", f"{kfac:,.2f}", "", f"{kfac / plain:.2f}x", "")
-        row("  of which eigh (once per run)", f"{max(fisher - kfac, 0):,.2f}", "", f"{max(fisher - kfac, 0) / plain:.2f}x", "")
+        kfac = med(o["kfac_s"])
+        if "fisher_s" in o:
+            fisher = med(o["fisher_s"])
+            row("estimate_fisher(1 batch) vs step: s", f"{fisher:,.2f}", f"{plain:,.2f} (step)", f"{fisher / plain:.2f}x",
+                verdict(fisher / plain, GOALS["fisher"], False))
+            row("  of which eigh (once per run)", f"{max(fisher - kfac, 0):,.2f}", "", f"{max(fisher - kfac, 0) / plain:.2f}x", "")
+        row("K-FAC factors (1 batch) vs step: s", f"{kfac:,.2f}", f"{plain:,.2f} (step)", f"{kfac / plain:.2f}x",
+            verdict(kfac / plain, GOALS["fisher"], False))
     if gen is not None:
         tok_o, tok_t = gen["new_tokens"] / med(gen["ours_s"]), gen["new_tokens"] / med(gen["theirs_s"])
         row("greedy generation: tokens/s", f"{tok_o:,.0f}", f"{tok_t:,.0f}", f"{tok_o / tok_t:.2f}x",
@@ -451,11 +462,18 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
         same = "yes" if gen["tokens_equal"] else f"NO ({gen['n_equal']}/{gen['new_tokens']} equal)"
         row("  same tokens / max logit diff", same, f"{gen['logit_max_diff']:.1e}", "", "")
 
+    spreads = {f"{s}/{t} {k}": max(v[k]) / min(v[k]) for (s, t), v in cells.items() if v
+               for k in ("step_s", "ag_plain_step_s", "ag_step_s", "kfac_s") if k in v}
+    worst = max(spreads, key=spreads.get, default=None)
+
     head = ("measurement", "ours", "theirs", "ours/theirs", "goal")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
     print("  " + "  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for r in rows:
         print("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if worst is not None and spreads[worst] > 1.25:
+        print(f"  note: repetitions of {worst} spread {spreads[worst]:.2f}x (slowest / fastest): the machine is "
+              f"busy, these ratios are unreliable")
 
 
 # ----------------------------------------------------------------------------- main
@@ -466,12 +484,14 @@ def main(argv=None):
     p.add_argument("--dtype", default="all", choices=[*DTYPES, "all"], help="compute dtype")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first; the memory peak is taken over them")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and generated tokens, for checking the script")
     p.add_argument("--batch", type=int, default=0, help="rows per step (0: the shape's default)")
     p.add_argument("--seq", type=int, default=0, help="tokens per row (0: the shape's default)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eigh", action="store_true", help="time only the per-batch K-FAC factors, not estimate_fisher's "
+                   "one-off eigendecompositions (minutes at d = 8192)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our all-linear LoRA step")
     p.add_argument("--json", default="", help="write every raw timing and memory figure to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one measurement, JSON task
@@ -489,6 +509,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print(env_header(args.device, torch.get_num_threads()))
+    load = os.getloadavg()[0]
+    if args.device == "cpu" and load > 0.5:
+        print(f"# WARNING: load average {load:.1f} before start: other processes compete for the {os.cpu_count()} CPUs "
+              f"(threads without a core of their own stall each other's parallel loops); timings are unreliable")
     missing = have_reference()
     if missing:
         print(f"# transformers/peft not available ({missing}): measuring our stack only")
@@ -506,7 +530,7 @@ def main(argv=None):
                   f"LoRA r=8 alpha=16, median of {reps} after {warmup} warm-up")
             base = {"shape": shape_name, "dtype": dtype, "device": args.device, "threads": args.threads,
                     "seed": args.seed, "batch": B, "seq": T, "reps": reps, "warmup": warmup,
-                    "quiet_hf": missing is None,
+                    "quiet_hf": missing is None, "no_eigh": args.no_eigh,
                     "gen_new": max(8, shape.gen_new // 2) if args.quick else shape.gen_new}
             cells = {}
             for tname in TARGETS:

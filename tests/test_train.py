@@ -69,7 +69,7 @@ def test_accumulation_equals_one_big_batch(tiny_ckpt, task_file):
         for m in micro:
             b = collate(m, tok.pad_id)
             n_b = int((b["labels"] != -100).sum()) * len(micro) if naive else n  # naive: mean of means
-            train.normalised_loss(train.token_loss_sum(model(b["input_ids"]), b["labels"]), n_b).backward()
+            train.normalised_loss(train.batch_loss_sum(model, b["input_ids"], b["labels"]), n_b).backward()
         return torch.cat([p.grad.flatten() for p in lora_parameters(model)])
 
     one = grads([rows])
@@ -224,3 +224,11 @@ def test_fisher_basis_is_cached_and_reused(tiny_ckpt, task_file, align_file, tmp
     run(tiny_ckpt, task_file, align_file, tmp_path / "b", "--steps", "2", "--fisher-cache", str(cache))
     with pytest.raises(AssertionError, match="reused"):  # other settings, other key: estimated again
         run(tiny_ckpt, task_file, align_file, tmp_path / "c", "--steps", "2", "--fisher-cache", str(cache), "--k", "3")
+
+
+def test_batch_loss_sum_equals_the_loss_over_all_logits(tiny_ckpt, task_file):
+    tok = load_tokenizer(tiny_ckpt)
+    b = collate([encode_example(tok, p, r, 64)[:2] for p, r in read_task(task_file)[:5]], tok.pad_id)
+    model = load_model(tiny_ckpt, dtype=torch.float64)
+    full = train.token_loss_sum(model(b["input_ids"]), b["labels"])
+    assert train.batch_loss_sum(model, b["input_ids"], b["labels"]).item() == pytest.approx(full.item(), rel=1e-6)
