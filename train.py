@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
 
     # --- the loop
     model.train()
-    t_start, tokens_seen, last = time.time(), 0, {}
+    t_start, tokens_seen, last = time.time(), 0, {}  # tokens: every real input token, prompt included
     t_log, tokens_log = time.time(), 0
     first_step = step
     while step < total_steps:
@@ -399,11 +399,12 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         idx = example_order(len(task), cfg.seed, step * per_step, per_step)
         micro = [collate([task[j] for j in idx[(m * world + rank) * cfg.batch_size:(m * world + rank + 1) * cfg.batch_size]], tok.pad_id)
                  for m in range(cfg.grad_accum)]
-        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
-        n_step = torch.tensor(n_local, device=device)
+        # response tokens (the loss normaliser) and all real tokens (the throughput), every process
+        counts = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro),
+                               sum(int(b["attention_mask"].sum()) for b in micro)], device=device)
         if ddp:
-            dist.all_reduce(n_step)
-        n_step = int(n_step)
+            dist.all_reduce(counts)
+        n_step, n_input = counts.tolist()
         task_loss = torch.zeros((), device=device)
         for b in micro:
             with autocast:
@@ -433,8 +434,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += n_step
-        tokens_log += n_step
+        tokens_seen += n_input
+        tokens_log += n_input
 
         if master and (step % cfg.log_every == 0 or step == total_steps):
             dt = time.time() - t_log
