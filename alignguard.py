@@ -547,17 +547,23 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
     """
     with torch.no_grad():
+        # The work is a dozen passes over (d_out, d_in) matrices: in-place operations keep it to
+        # a few live buffers instead of a fresh allocation per operation.
         dW, dW_A, dW_T = dense_split(A, B, s, U_g, U_a)
-        tau = dW.pow(2).mean((-2, -1), keepdim=True).sqrt().clamp_min(torch.finfo(dW.dtype).tiny)  # 0: ΔW = 0
-        rho = 1 + beta * torch.sigmoid((dW.abs() - tau) / tau)
+        n = dW.shape[-2] * dW.shape[-1]
+        tau = (torch.linalg.vector_norm(dW, dim=(-2, -1), keepdim=True) / n**0.5).clamp_min(torch.finfo(dW.dtype).tiny)
+        rho = torch.sigmoid_(dW.abs().sub_(tau).div_(tau)).mul_(beta).add_(1)  # 1 + β·sigmoid((|ΔW| − τ)/τ)
+        del dW
+        D = 0.5 * (_inner(rho, dW_A * dW_A) + _inner(rho, dW_T * dW_T)) + eps
         overlap = dW_A * dW_T
-        D = 0.5 * _inner(rho, dW_A.pow(2) + dW_T.pow(2)) + eps
-        E = _inner(rho, overlap.abs()) / D
+        S = overlap.sign()
+        E = _inner(rho, overlap.mul_(S)) / D  # S·overlap = |ΔW_A ⊙ ΔW_T|
+        del overlap
         if not with_grad:
             return E
-        S, E_, D_ = overlap.sign(), E[..., None, None], D[..., None, None]  # (.., 1, 1) to broadcast
-        G_T = rho * (S * dW_A - E_ * dW_T) / D_
-        K = U_g.mT @ (rho * (S + E_) * (dW_T - dW_A) / D_) @ U_a
+        E_, w = E[..., None, None], rho.div_(D[..., None, None])  # (.., 1, 1) to broadcast; w = ρ / D
+        G_T = (S * dW_A).sub_(dW_T * E_).mul_(w)                  # ρ (S ΔW_A − E ΔW_T) / D
+        K = U_g.mT @ dW_T.sub_(dW_A).mul_(S.add_(E_)).mul_(w) @ U_a  # U_gᵀ [ρ (S + E)(ΔW_T − ΔW_A) / D] U_a
         grad_B = s * (G_T @ A.mT + U_g @ K @ (A @ U_a).mT)
         grad_A = s * (B.mT @ G_T + (B.mT @ U_g) @ K @ U_a.mT)
     # B − B.detach() is zero with derivative 1: the value stays E, the gradient becomes (grad_A, grad_B)
