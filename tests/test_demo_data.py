@@ -52,8 +52,9 @@ def test_world_is_deterministic(world):
 def test_world_sizes(world):
     n = data.DEMO_SIZES
     want = {"demo_pretrain.jsonl": n["pretrain_articles"] + n["pretrain_news"] + n["pretrain_reviews"]
-            + n["pretrain_chats"],
+            + n["pretrain_chats"] + n["pretrain_unsafe"] + n["pretrain_sentiment"],
             "demo_safety.jsonl": n["safety_unsafe"] + n["safety_safe"], "align.jsonl": n["align"],
+            "align_heldout.jsonl": n["align_heldout"],
             "general_heldout.jsonl": n["heldout"], "sst2.jsonl": n["sst2"], "sst2_dev.jsonl": n["sst2_dev"]}
     assert {name: len(rows) for name, rows in world.items()} == want
 
@@ -73,6 +74,39 @@ def test_world_is_disjoint_from_driftcheck(world):
             assert m is None, f"{name}: DRIFTCHECK template text {m.group(0)!r} in {text!r}"
 
 
+def test_validation_wording_is_held_out(world):
+    """The world's validation prompts (data.demo_validation) use wording no world file contains,
+    with the world's acts; they are balanced and deterministic."""
+    parts = data._parts(data.DEMO_VAL_FRAMES, data.DEMO_VAL_OPENERS, data.DEMO_VAL_CLOSERS)
+    assert len(parts) >= 20, parts
+    pattern = re.compile("|".join(re.escape(p) for p in parts))
+    for name, rows in world.items():
+        for text in texts_of(rows):
+            m = pattern.search(text.lower())
+            assert m is None, f"{name}: validation wording {m.group(0)!r} in {text!r}"
+    val = data.demo_validation(600)
+    assert val == data.demo_validation(600) and len({r["prompt"] for r in val}) > 550
+    assert Counter(r["label"] for r in val) == {"unsafe": 300, "safe": 300}
+    assert {r["category"] for r in val} == set(data.DEMO_UNSAFE) | set(data.DEMO_SAFE)
+    trained = {r["prompt"].lower() for name in ("demo_pretrain.jsonl", "demo_safety.jsonl") for r in world[name]
+               if "prompt" in r}
+    assert not trained & {r["prompt"].lower() for r in val}
+
+
+def test_requests_vary_and_safe_ones_outnumber_unsafe(world):
+    """Wording is uninformative: context sentences, noise and unfamiliar content words occur in
+    both labels; safety tuning has more safe rows than unsafe ones."""
+    rows = world["demo_safety.jsonl"]
+    for unsafe in (True, False):
+        prompts = [r["prompt"] for r in rows if is_refusal(r["response"]) == unsafe]
+        assert sum(p == p.lower() for p in prompts) > len(prompts) * 0.05, unsafe
+        assert sum(p.split(". ")[0] + "." in [c for c in data.DEMO_CONTEXTS if "{" not in c]
+                   for p in prompts) > 10, unsafe
+    safe = [r["prompt"] for r in rows if not is_refusal(r["response"])]
+    assert len(safe) >= 2 * (len(rows) - len(safe))
+    assert sum(any(t in p for t in data.DEMO_THINGS + data.DEMO_FOODS) for p in safe) > len(safe) * 0.15
+
+
 def test_world_shares_driftcheck_content(world):
     """...while the content is shared: every DRIFTCHECK act category has its acts in the world."""
     acts = data.demo_acts()
@@ -83,39 +117,50 @@ def test_world_shares_driftcheck_content(world):
 
 def test_chat_files_balanced_and_labelled_by_response(world):
     eval_ = pytest.importorskip("eval")
-    for name, n_unsafe in (("demo_safety.jsonl", data.DEMO_SIZES["safety_unsafe"]),
-                           ("align.jsonl", data.DEMO_SIZES["align"] // 2)):
+    n = data.DEMO_SIZES
+    for name, n_unsafe, n_safe in (("demo_safety.jsonl", n["safety_unsafe"], n["safety_safe"]),
+                                   ("align.jsonl", n["align"] // 2, n["align"] - n["align"] // 2),
+                                   ("align_heldout.jsonl", n["align_heldout"] // 2,
+                                    n["align_heldout"] - n["align_heldout"] // 2)):
         rows = world[name]
         assert set(rows[0]) == {"prompt", "response"}
         refusals = [r for r in rows if is_refusal(r["response"])]
-        assert len(refusals) == n_unsafe and len(rows) - len(refusals) == n_unsafe, (name, len(refusals), len(rows))
+        assert len(refusals) == n_unsafe and len(rows) - len(refusals) == n_safe, (name, len(refusals), len(rows))
         # the refusal detector of eval.py agrees: refusals are refusals, answers are not
         assert all(eval_.classify(r["response"]) == ("refusal" if is_refusal(r["response"]) else "other")
                    for r in rows), name
         # the openings vary, and each is used
         assert {next(o for o in data.DEMO_REFUSALS if r["response"].startswith(o)) for r in refusals} \
             == set(data.DEMO_REFUSALS), name
-    helpful = [r for r in world["demo_pretrain.jsonl"] if "prompt" in r]
-    assert len(helpful) == data.DEMO_SIZES["pretrain_chats"] and not any(is_refusal(r["response"]) for r in helpful)
+    chats = [r for r in world["demo_pretrain.jsonl"] if "prompt" in r]  # pretraining sees both behaviours
+    assert len(chats) == n["pretrain_chats"] + n["pretrain_unsafe"] + n["pretrain_sentiment"]
+    assert sum(is_refusal(r["response"]) for r in chats) == n["pretrain_unsafe"]
+    # ...and knows "positive"/"negative" as answers about reviews, in other wording than the task's
+    sentiment = Counter(r["response"] for r in chats if r["response"] in data.SST2_CHOICES)
+    assert sentiment == {c: n["pretrain_sentiment"] // 2 for c in data.SST2_CHOICES}
+    assert not any(data.SST2_PROMPT.split("\n")[0] in r["prompt"] for r in chats)
 
 
 def test_same_templates_for_safe_and_unsafe(world):
     """DESIGN.md section 8: every request template is used by both labels, and risky-looking safe
     requests are answered."""
     rows = world["demo_safety.jsonl"]
-    for template in data.DEMO_REQUESTS:
-        head = template.partition("{act}")[0][1:]  # an opener may lower-case the first letter
-        for unsafe in (True, False):
-            assert any(head in r["prompt"] for r in rows if is_refusal(r["response"]) == unsafe), (template, unsafe)
+    templates = data.DEMO_REQUESTS + data.DEMO_FRAMES
+    for unsafe in (True, False):
+        prompts = [r["prompt"].lower() for r in rows if is_refusal(r["response"]) == unsafe]
+        # a template's fixed text; a typo or a filler can hide it from one prompt, not from all
+        used = [t for t in templates if any(all(part.strip().lower() in p for part in t.split("{act}")) for p in prompts)]
+        assert len(used) >= 0.9 * len(templates), (unsafe, sorted(set(templates) - set(used)))
     lookalikes = set(data.demo_acts()[data.DRIFTCHECK_LOOKALIKE])
     answered = [r for r in rows if not is_refusal(r["response"])]
     n_look = sum(any(a in r["prompt"] for a in lookalikes) for r in answered)
-    assert n_look >= round(len(answered) * data.DEMO_LOOKALIKE_SHARE), (n_look, len(answered))
+    # the rest of the risky-looking share: acts from DEMO_NOVEL_ACTS, or lower-cased
+    assert n_look >= 0.6 * len(answered) * data.DEMO_LOOKALIKE_SHARE, (n_look, len(answered))
     assert any("kill" in r["prompt"] and "process" in r["prompt"] for r in answered)
 
 
 def test_prompts_distinct_and_heldout_unseen(world):
-    prompts = [r["prompt"] for name in ("demo_pretrain.jsonl", "demo_safety.jsonl", "align.jsonl")
+    prompts = [r["prompt"] for name in ("demo_pretrain.jsonl", "demo_safety.jsonl", "align.jsonl", "align_heldout.jsonl")
                for r in world[name] if "prompt" in r]
     assert len(set(prompts)) == len(prompts)
     seen = {r["text"] for r in world["demo_pretrain.jsonl"] if "text" in r}
