@@ -484,19 +484,22 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
 
 # ----------------------------------------------------------------------------- the demo
 
+# the demo's fine-tuning: one epoch at a learning rate where plain LoRA visibly erodes refusal
+DEMO_TRAIN = dict(ckpt="data/demo", task="data/sst2.jsonl", align="data/align.jsonl", lr=2e-3, epochs=1.0)
 DEMO_EVAL = dict(ckpt="data/demo", task_dev="data/sst2_dev.jsonl", heldout="data/general_heldout.jsonl",
                  align="data/align_heldout.jsonl")
 
 
 def demo(out: str = "", limit: int = 400, steps: int = 0, methods=("lora", "alignguard")) -> dict:
     """`python train.py` alone: the shipped aligned demo model fine-tuned on the sentiment task with
-    each method (TrainConfig defaults: data/demo, data/sst2.jsonl, data/align.jsonl), then DRIFTCHECK
+    each method (DEMO_TRAIN), then DRIFTCHECK
     (a balanced subset of `limit` prompts), task accuracy, forgetting and alignment KL for the base
     model and every adapter, printed as one table and written as report.md / report.json in `out`."""
     out = Path(out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     t0 = time.time()
     for method in methods:
-        train(TrainConfig(method=method, out=str(out / method), steps=steps), LoRAConfig(), AlignGuardConfig())
+        train(TrainConfig(**DEMO_TRAIN, method=method, out=str(out / method), steps=steps), LoRAConfig(),
+              AlignGuardConfig())
     ecfg = EvalConfig(**DEMO_EVAL, limit=limit, out=str(out / "report"))
     sets = load_eval_data(ecfg)
     sets["driftcheck"] = balanced_subset(driftcheck_prompts(), limit)
