@@ -418,7 +418,8 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
     if tokenizer_from is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                     "chat_template.jinja", "chat_template.json"):
             src = Path(tokenizer_from) / name
             if src.is_file():
                 data = src.read_bytes()
@@ -437,6 +438,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        drop[..., 0] = False
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

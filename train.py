@@ -84,7 +84,7 @@ class TrainConfig:
             raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.init and self.method != "full":
             raise ValueError("--init (random initialisation) needs --method full")
-        for name in ("batch_size", "grad_accum", "max_len"):
+        for name in ("batch_size", "grad_accum", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
 
@@ -221,13 +221,13 @@ def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
-    blob = torch.load(ck / "optimizer.pt", weights_only=False)
+    blob = torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False)  # to each param's device below
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"]["torch"])
     if blob["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    for k, v in state["scaler"].items():
-        setattr(scaler, k, v)
+    if scaler.enabled:  # this run's --dtype decides whether there is a scaler at all
+        scaler.scale, scaler.good_steps = state["scaler"]["scale"], state["scaler"]["good_steps"]
     return state
 
 
@@ -236,10 +236,9 @@ def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
 def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     # --- setup: processes, device, precision
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if cfg.device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = cfg.device
+    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # torchrun's local rank picks the GPU of this process
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if ddp:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -291,9 +290,10 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         align = encode(read_align(cfg.align)[:cfg.n_align], cfg.align)
         batches = [collate(align[i:i + cfg.fisher_batch], tok.pad_id) for i in range(rank * cfg.fisher_batch, len(align), world * cfg.fisher_batch)]
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        meta = {"data_hash": file_digest(ckpt_files + [cfg.align])[:16], "k": agc.k, "kind": agc.fisher,
+        tok_file = (Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0]) / "tokenizer.json"
+        meta = {"data_hash": file_digest(ckpt_files + [tok_file, cfg.align])[:16], "k": agc.k, "kind": agc.fisher,
                 "targets": list(lora.targets), "n_align": len(align), "max_len": cfg.max_len, "seed": cfg.seed,
-                "world": world, "dtype": cfg.dtype}
+                "world": world, "dtype": cfg.dtype, "chat_format": tok.chat_format}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         cache_dir = Path(cfg.fisher_cache) if cfg.fisher_cache else out
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -364,8 +364,14 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     if cfg.resume:
         state = load_checkpoint(out, model, optimizer, scaler)
         step = state["step"]
-        if master and metrics_file.exists():  # drop log lines written after the checkpoint
-            lines = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= step]
+        if master and metrics_file.exists():  # drop log lines written after the checkpoint (or cut by a kill)
+            lines = []
+            for line in metrics_file.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        lines.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
             metrics_file.write_text("".join(l + "\n" for l in lines))
     if master:
         print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(task)} task rows, "
@@ -373,13 +379,15 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
 
     # --- the loop
     model.train()
-    t_start, tokens_seen, last = time.time(), 0, {}  # tokens: every real input token, prompt included
+    # tokens: every real input token, prompt included; carried over a resume like the last eval loss
+    t_start, tokens_seen = time.time(), state.get("tokens", 0) if cfg.resume else 0
+    last = {"eval_loss": state["eval_loss"]} if cfg.resume and state.get("eval_loss") is not None else {}
     t_log, tokens_log = time.time(), 0
     first_step = step
     while step < total_steps:
         if cfg.stop_after and step - first_step == cfg.stop_after:
             if master:
-                save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss")})
+                save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen})
                 print(f"\nstopped after {cfg.stop_after} steps at step {step}; continue with --resume", file=sys.stderr)
             if ddp:
                 dist.barrier()
@@ -391,7 +399,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
             last["eval_loss"] = evaluate()
         if master and cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > 0:
-            save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss")})
+            save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen})
         # dropout noise depends on the step only, so a resumed run draws the same masks
         torch.manual_seed(cfg.seed + rank + 7919 * step)
 
@@ -426,7 +434,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                 p.grad.div_(scaler.scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(task_loss))
-        if not finite and not scaler.enabled:
+        # loss scaling rescues overflowing fp16 gradients, never a non-finite loss itself
+        if not bool(torch.isfinite(task_loss)) or (not finite and not scaler.enabled):
             raise FloatingPointError(f"step {step}: non-finite loss or gradient (task loss {task_loss.item()}, "
                                      f"grad norm {grad_norm.item()}); stopping. The last good checkpoint is in "
                                      f"{out / 'checkpoint'}; lower --lr or use --dtype fp32, then --resume.")
@@ -449,7 +458,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             elapsed = time.time() - t_start
-            eta = elapsed / step * (total_steps - step) if step else 0
+            eta = elapsed / (step - first_step) * (total_steps - step)
             shown = " ".join(f"{k} {row[k]:.3g}" for k in ("R_A", "R_T", "E_rm", "E_geo", "l2", "ewc") if k in row)
             print(f"\rstep {step}/{total_steps} | loss {row['loss']:.4f} {shown} | lr {lr:.2e} | "
                   f"{row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s   ", end="", file=sys.stderr, flush=True)
@@ -462,7 +471,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                "config": asdict(cfg), "lora": asdict(lora), "alignguard": asdict(agc)}
     if master:
         print(file=sys.stderr)
-        save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": final_eval})
+        save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": final_eval, "tokens": tokens_seen})
         if cfg.method == "full":
             save_model(model, out / "model", tokenizer_from=Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0],
                        overwrite=True)

@@ -133,6 +133,7 @@ def test_sampling_top_p_keeps_only_the_nucleus():
     g = torch.Generator().manual_seed(0)
     # a nucleus smaller than the top token's probability holds the top token alone
     assert generate(model, [prompt], 5, [1000], temperature=1.0, top_p=1e-6, generator=g) == greedy
+    assert generate(model, [prompt], 5, [1000], temperature=1.0, top_p=0.0, generator=g) == greedy
     s1 = generate(model, [prompt] * 4, 5, [1000], temperature=1.5, generator=torch.Generator().manual_seed(3))
     s2 = generate(model, [prompt] * 4, 5, [1000], temperature=1.5, generator=torch.Generator().manual_seed(3))
     assert s1 == s2 and len({tuple(x) for x in s1}) > 1
