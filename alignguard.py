@@ -23,6 +23,7 @@ position t predicts, -100 where there is no loss (prompt, padding).
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -69,6 +70,7 @@ class AlignGuardConfig:
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
     rm_chunk: int = 2**18  # most ΔW entries E_rm materialises at once: ~10 fp32 copies stay in cache-friendly, reused heap blocks
+    compile_rm: bool = False  # torch.compile E_rm (2.2x faster on CPU) after ~25 s of compiling per module shape
 
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):
@@ -570,8 +572,16 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     return E + _inner(grad_B, B - B.detach()) + _inner(grad_A, A - A.detach())
 
 
+@functools.cache
+def compiled_e_rm():
+    """e_rm through torch.compile: its dozen elementwise passes over the (d_out, d_in) matrices fused
+    into a few. Measured on CPU (4 stacked 1536 x 576 modules, forward + backward): 55.6 -> 24.9 ms,
+    after 24 s of compiling, paid again for every new module shape; so it pays in long runs only."""
+    return torch.compile(e_rm, dynamic=False)
+
+
 def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: float = 1e-8,
-                     rm_grad: bool = True) -> dict[str, torch.Tensor]:
+                     rm_grad: bool = True, rm_fn=e_rm, rm_modules: int | None = None) -> dict[str, torch.Tensor]:
     """The terms of one module (or of a stack (L, ..) of same-shape modules, one value each), in fp32
     (fp64 for fp64 A) under any autocast:
 
@@ -586,6 +596,8 @@ def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: flo
     cos_literal does not assume UᵀU = I as the other terms do: <ΔW_A, ΔW> = ||C||² always and
     ||ΔW_A||² = <(U_gᵀU_g) C (U_aᵀU_a), C>, so it is ~0 exactly when the basis is orthonormal and flags a
     corrupted one. With rm_grad=False E_rm is evaluated without autograd, a logged value only.
+    rm_modules: E_rm takes at most this many modules of the stack at a time (its dense matrices bound
+    the peak memory); the factored terms take the whole stack at once.
     """
     with torch.autocast(A.device.type, enabled=False):
         A, B = _f32(A), _f32(B)
@@ -595,7 +607,13 @@ def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: flo
         R_A = 0.5 * _inner(g[..., :, None] * a[..., None, :], C.pow(2))
         CtX, CYt = C.mT @ X, C @ Y.mT  # (.., k_a, d_in), (.., k_g, d_out)
         E_geo = 0.5 * (_inner(CtX, CtX) + _inner(CYt, CYt)) / (dWA_sq * dWT_sq + eps)
-        E_rm = e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=rm_grad and torch.is_grad_enabled())
+        with_grad = rm_grad and torch.is_grad_enabled()
+        if A.dim() == 2 or rm_modules is None:
+            E_rm = rm_fn(A, B, s, U_g, U_a, beta, eps, with_grad=with_grad)
+        else:
+            E_rm = torch.cat([rm_fn(A[i:i + rm_modules], B[i:i + rm_modules], s, U_g[i:i + rm_modules],
+                                    U_a[i:i + rm_modules], beta, eps, with_grad=with_grad)
+                              for i in range(0, A.shape[0], rm_modules)])
         with torch.no_grad():
             lit_A = _inner((U_g.mT @ U_g) @ C @ (U_a.mT @ U_a), C)  # ||ΔW_A||²
             lit_T = s**2 * _inner(B.mT @ B, A @ A.mT) - 2 * dWA_sq + lit_A  # ||ΔW − ΔW_A||²
@@ -609,8 +627,8 @@ def penalties(model: nn.Module, basis: dict[str, FisherBasis], cfg: AlignGuardCo
     Returns (L_reg, terms): terms holds the five sums over modules (module_penalties), detached, for the
     log. When λ_NC·α = 0, E_rm is evaluated for the log only, without its gradient.
     Modules of one shape are stacked and computed together: these matmuls are tiny, so per-module code
-    would cost ~100 kernel launches per module and step. A stack holds at most cfg.rm_chunk entries of ΔW,
-    which bounds E_rm's peak memory whatever the number of modules.
+    would cost ~100 kernel launches per module and step. E_rm takes at most cfg.rm_chunk entries of ΔW
+    at a time, which bounds its peak memory whatever the number of modules.
     """
     mods = _adapted(model)
     _check_modules(mods, basis, "the Fisher basis")
@@ -622,14 +640,13 @@ def penalties(model: nn.Module, basis: dict[str, FisherBasis], cfg: AlignGuardCo
     terms = {}
     for names in stacks.values():
         m0 = mods[names[0]]
-        size = max(1, cfg.rm_chunk // (m0.in_features * m0.out_features))
-        for chunk in (names[i:i + size] for i in range(0, len(names), size)):
-            A = torch.stack([mods[n].lora_A.weight for n in chunk])  # (L, r, d_in)
-            B = torch.stack([mods[n].lora_B.weight for n in chunk])  # (L, d_out, r)
-            U_g, g, U_a, a = (torch.stack([getattr(basis[n], f) for n in chunk]) for f in ("U_g", "g", "U_a", "a"))
-            t = module_penalties(A, B, m0.scaling, U_g, g, U_a, a, cfg.beta, cfg.eps,
-                                 rm_grad=cfg.lambda_nc * cfg.alpha > 0)
-            terms = {key: terms.get(key, 0) + v.sum() for key, v in t.items()}
+        A = torch.stack([mods[n].lora_A.weight for n in names])  # (L, r, d_in)
+        B = torch.stack([mods[n].lora_B.weight for n in names])  # (L, d_out, r)
+        U_g, g, U_a, a = (torch.stack([getattr(basis[n], f) for n in names]) for f in ("U_g", "g", "U_a", "a"))
+        t = module_penalties(A, B, m0.scaling, U_g, g, U_a, a, cfg.beta, cfg.eps,
+                             rm_grad=cfg.lambda_nc * cfg.alpha > 0, rm_fn=compiled_e_rm() if cfg.compile_rm else e_rm,
+                             rm_modules=max(1, cfg.rm_chunk // (m0.in_features * m0.out_features)))
+        terms = {key: terms.get(key, 0) + v.sum() for key, v in t.items()}
     total = (cfg.lambda_a * terms["R_A"] + cfg.lambda_t * terms["R_T"]
              + cfg.lambda_nc * (cfg.alpha * terms["E_rm"] + (1 - cfg.alpha) * terms["E_geo"]))
     return total, {key: v.detach() for key, v in terms.items()}

@@ -4,6 +4,7 @@
 """
 
 import copy
+from dataclasses import replace
 import json
 from collections import OrderedDict
 
@@ -407,6 +408,20 @@ def lora_stack(shapes, r=4, k=4):
     basis = {name: random_basis(m.out_features, m.in_features, k, seed=i, dtype=torch.float32)
              for i, (name, m) in enumerate(lora_modules(model).items())}
     return model, basis
+
+
+def test_compiled_e_rm_equals_eager():
+    """AlignGuardConfig(compile_rm=True): the same penalty and gradients through torch.compile."""
+    model, basis = lora_stack([(48, 32), (48, 32), (32, 48)])
+    cfg = AlignGuardConfig(lambda_a=0.0, lambda_t=0.0, lambda_nc=1.0, alpha=1.0)
+    out = []
+    for compile_rm in (False, True):
+        total, _ = penalties(model, basis, replace(cfg, compile_rm=compile_rm))
+        grads = torch.autograd.grad(total, lora_parameters(model))
+        out.append((total.detach(), grads))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
