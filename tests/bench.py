@@ -6,6 +6,7 @@ repetitions after warm-up; every ratio is ours / theirs.
     python tests/bench.py --shape smollm --json bench.json      # SmolLM2-135M shape, fp32 and bf16
     python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh  # Llama-3.2-1B shape, MFU on a GPU
     python tests/bench.py --shape small --dtype fp32 --profile  # + torch.profiler table of our step
+    python tests/bench.py --scaling                             # ours: step vs T and r, AlignGuard vs width
 
 What is measured, per shape and dtype (fp32, or bf16: base weights in bf16 under autocast, LoRA in fp32,
 as train.py --dtype bf16 does):
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -243,18 +244,28 @@ def matmul_peak(dtype: torch.dtype, device: str, reps: int) -> float:
 
 # ----------------------------------------------------------------------------- measurements (run in workers)
 
+def task_shape(task: dict) -> Shape:
+    """The task's shape, its width changed when the task names one ("hidden": C, heads of 64, MLP 3C)."""
+    shape = SHAPES[task["shape"]]
+    if "hidden" not in task:
+        return shape
+    C = task["hidden"]
+    return replace(shape, model=replace(shape.model, hidden_size=C, intermediate_size=3 * C, head_dim=64,
+                                        num_attention_heads=C // 64, num_key_value_heads=max(1, C // 128)))
+
+
 def measure_train(task: dict) -> dict:
     """One stack, one target set, one dtype: LoRA step time and peak memory; for ours with all-linear
     targets also the AlignGuard step and the Fisher estimation, interleaved with the plain step."""
-    shape, dtype, device = SHAPES[task["shape"]], DTYPES[task["dtype"]], task["device"]
-    targets = TARGETS[task["targets"]]
+    shape, dtype, device = task_shape(task), DTYPES[task["dtype"]], task["device"]
+    targets, r = TARGETS[task["targets"]], task.get("rank", 8)
     torch.manual_seed(task["seed"])
     batch = make_batch(shape.model, task["batch"], task["seq"], task["seed"], device)
     n_tokens = int((batch["labels"] != -100).sum())
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
     if task["stack"] == "ours":
         model = build_ours(shape, dtype, device, task["seed"])
-        add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0, targets=targets))
+        add_lora(model, LoRAConfig(r=r, alpha=2 * r, dropout=0.0, targets=targets))
         params = lora_parameters(model)
 
         def loss_sum():  # exactly train.py's step: lm_head at labelled positions only
@@ -478,6 +489,30 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
 
 # ----------------------------------------------------------------------------- main
 
+def scaling(args, base: dict):
+    """README's scaling tables, our stack only (all-linear LoRA, fp32, the small shape): step time and
+    peak memory against sequence length T and rank r; the AlignGuard step's overhead against width C."""
+    print("\n## step time and peak memory of our LoRA step (all-linear, fp32, small shape, B=4)")
+    print("| T | r | step ms | tokens/s | peak MiB |\n|---|---|---|---|---|")
+    for T in (128, 256, 512):
+        for r in (8, 32):
+            c = run_worker({**base, "kind": "train", "stack": "ours", "targets": "all-linear", "seq": T, "rank": r,
+                            "no_eigh": True})
+            if c:
+                t = med(c["step_s"])
+                print(f"| {T} | {r} | {1e3 * t:.0f} | {base['batch'] * T / t:,.0f} | {c['peak_bytes'] / 2**20:.0f} |")
+    print("\n## AlignGuard step over the plain step against width C (all-linear, r=8, k=32, 8 layers, B=4, T=256)")
+    print("| C | parameters | plain ms | AlignGuard ms | overhead |\n|---|---|---|---|---|")
+    for C in (128, 256, 512, 1024):
+        task = {**base, "kind": "train", "stack": "ours", "targets": "all-linear", "hidden": C, "no_eigh": True}
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Llama(task_shape(task).model).parameters())
+        c = run_worker(task)
+        if c:
+            plain, ag = med(c["ag_plain_step_s"]), med(c["ag_step_s"])
+            print(f"| {C} | {n / 1e6:.1f}M | {1e3 * plain:.0f} | {1e3 * ag:.0f} | {100 * (ag / plain - 1):+.1f}% |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="small", choices=[*SHAPES, "all"], help="model shape (all: every shape the device runs)")
@@ -494,6 +529,8 @@ def main(argv=None):
                    "one-off eigendecompositions (minutes at d = 8192)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our all-linear LoRA step")
     p.add_argument("--json", default="", help="write every raw timing and memory figure to this file")
+    p.add_argument("--scaling", action="store_true", help="our step against T and r, AlignGuard overhead against "
+                   "width (the README's scaling tables), instead of the comparison")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one measurement, JSON task
     args = p.parse_args(argv)
     if args.worker:
@@ -517,6 +554,10 @@ def main(argv=None):
     if missing:
         print(f"# transformers/peft not available ({missing}): measuring our stack only")
 
+    if args.scaling:
+        return scaling(args, {"shape": "small", "dtype": "fp32", "device": args.device, "threads": args.threads,
+                              "seed": args.seed, "batch": SHAPES["small"].batch, "seq": SHAPES["small"].seq,
+                              "reps": reps, "warmup": warmup})
     peaks = {d: matmul_peak(DTYPES[d], args.device, reps=max(reps, 5)) for d in dtypes}
     print("# matmul peak (torch.mm, square): " + ", ".join(f"{d} {f / 1e9:,.0f} GFLOP/s" for d, f in peaks.items()))
     results = {"env": env_header(args.device, torch.get_num_threads()), "peaks": peaks, "runs": []}
