@@ -271,6 +271,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq = None  # RoPE inverse frequencies, a plain attribute: not in the state dict, no dtype cast
 
     def forward(self, input_ids, position_ids=None, mask=None, cache=None, cache_pos=0, hidden_only=False):
         """input_ids (B, T) -> logits (B, T, V), or with hidden_only the final normed hidden states
@@ -278,14 +279,20 @@ class Llama(nn.Module):
         training, the last position in generation): with a large vocabulary that is most of the work.
 
         position_ids (B, T) default to cache_pos + arange(T). mask (B, 1, T, S) bool, True where a
-        query may attend a key; None means causal over the T tokens given (no padding on the left).
+        query may attend a key (or already additive, 0 / -inf in the compute dtype); None means causal
+        over the T tokens given (no padding on the left).
         cache: per layer a (k, v) pair of (B, nkv, Tmax, hd) tensors, written at cache_pos.
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(cache_pos, cache_pos + T, device=input_ids.device).expand(B, T)
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), position_ids)
+        if self._inv_freq is None or self._inv_freq.device != input_ids.device:
+            self._inv_freq = rope_inv_freq(self.config, input_ids.device)  # (hd/2,), computed once per device
+        cos, sin = rope_cos_sin(self._inv_freq, position_ids)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if mask is not None and mask.dtype == torch.bool:
+            # once here rather than inside every layer's attention: 0 where a query may attend, -inf elsewhere
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
         x = self.model.norm(x)
