@@ -255,8 +255,6 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     if master and not cfg.resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output directory exists and is not empty; choose another --out, "
                          f"or pass --resume to continue the run it holds")
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
 
     # --- data: tokenised once, a fixed ordered held-out set for the eval loss
     tok = load_tokenizer(cfg.ckpt if not cfg.init else Path(cfg.init).parent, cfg.chat_format)
@@ -283,6 +281,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         base_dtype = dtype if cfg.method != "full" and dtype != torch.float32 else torch.float32
         model = load_model(cfg.ckpt, device=device, dtype=base_dtype)
     ckpt_files = [] if cfg.init else resolve_checkpoint(cfg.ckpt)[1]
+    if master:  # only once the data, tokenizer and checkpoint have been read: bad input leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
 
     # --- the aligned model's Fisher (before any adapter exists), cached in --out
     basis = f_diag = None
@@ -579,7 +579,7 @@ def main(argv=None):
             return demo()
         cfg, lora, agc = parse_args(argv)
         return train(cfg, lora, agc)
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         raise SystemExit(1)
 

@@ -13,10 +13,11 @@ as train.py --dtype bf16 does):
   - LoRA training step (forward, backward, AdamW on the LoRA parameters), tokens/s and peak memory, r = 8,
     alpha = 16, no dropout, targets q,k,v,o and all-linear. Ours: add_lora, model(input_ids),
     train.normalised_loss(train.token_loss_sum(...)). Theirs: peft.get_peft_model(LoraConfig(...)),
-    model(input_ids, use_cache=False).logits and the same loss. Each (stack, targets, dtype) runs in its
-    own subprocess; the peak over all its plain steps is, on CPU, the RSS high-water mark above the RSS after
-    setup (malloc_trim, then a reset through /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated
-    above the allocation after setup;
+    model(input_ids, use_cache=False).logits and the same loss. The tokens/s ratio comes from one process
+    holding both stacks, their steps alternating within every repetition (so a busy neighbour slows both
+    alike); each (stack, targets, dtype) also runs alone in its own subprocess for its memory, the peak over
+    all its plain steps: on CPU the RSS high-water mark above the RSS after setup (malloc_trim, then a reset
+    through /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above the allocation after setup;
   - the AlignGuard step (plain step + alignguard.penalties, random orthonormal Fisher basis, k = 32 per
     module, all-linear, r = 8) against our plain step: overhead; goal <= 10%;
   - alignguard.estimate_fisher on one batch against one plain step (goal <= 2x), split into the per-batch
@@ -254,16 +255,17 @@ def task_shape(task: dict) -> Shape:
                                         num_attention_heads=C // 64, num_key_value_heads=max(1, C // 128)))
 
 
-def measure_train(task: dict) -> dict:
-    """One stack, one target set, one dtype: LoRA step time and peak memory; for ours with all-linear
-    targets also the AlignGuard step and the Fisher estimation, interleaved with the plain step."""
+def build_step(task: dict, stack: str):
+    """(model, step, params, n_loss_tokens, batch) of one stack for the task's shape, dtype and targets:
+    step(penalty=None) is one LoRA training step (forward, backward, AdamW); penalty() -> (total, terms) adds
+    AlignGuard's."""
     shape, dtype, device = task_shape(task), DTYPES[task["dtype"]], task["device"]
     targets, r = TARGETS[task["targets"]], task.get("rank", 8)
     torch.manual_seed(task["seed"])
     batch = make_batch(shape.model, task["batch"], task["seq"], task["seed"], device)
     n_tokens = int((batch["labels"] != -100).sum())
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
-    if task["stack"] == "ours":
+    if stack == "ours":
         model = build_ours(shape, dtype, device, task["seed"])
         add_lora(model, LoRAConfig(r=r, alpha=2 * r, dropout=0.0, targets=targets))
         params = lora_parameters(model)
@@ -273,7 +275,7 @@ def measure_train(task: dict) -> dict:
     else:
         import peft
         base = build_theirs(shape, dtype, device, task["seed"])
-        model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                           target_modules=list(targets) if targets != "all-linear" else targets))
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -290,6 +292,28 @@ def measure_train(task: dict) -> dict:
             penalty()[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return model, step, params, n_tokens, batch
+
+
+def measure_pair(task: dict) -> dict:
+    """Both stacks in one process, their steps alternating within every repetition: the tokens/s ratio is
+    taken on the same machine state (a neighbour's load slows both alike), unlike step times measured in
+    separate processes minutes apart."""
+    steps = {stack: build_step(task, stack)[1] for stack in ("ours", "theirs")}
+    for _ in range(task["warmup"]):
+        for step in steps.values():
+            step()
+    t = time_interleaved(steps, task["reps"], task["device"])
+    return {"ours_s": t["ours"], "theirs_s": t["theirs"]}
+
+
+def measure_train(task: dict) -> dict:
+    """One stack, one target set, one dtype, alone in its process: LoRA step time and peak memory; for ours with
+    all-linear targets also the AlignGuard step and the Fisher estimation, interleaved with the plain step."""
+    dtype, device = DTYPES[task["dtype"]], task["device"]
+    model, step, params, n_tokens, batch = build_step(task, task["stack"])
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
     # the peak is taken over all plain steps: an allocator settles only after a few steps
     baseline = memory_reset(device)
@@ -387,7 +411,7 @@ def measure_profile(task: dict) -> dict:
     return {"table": prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=55)}
 
 
-WORKERS = {"train": measure_train, "generate": measure_generate, "profile": measure_profile}
+WORKERS = {"train": measure_train, "pair": measure_pair, "generate": measure_generate, "profile": measure_profile}
 
 
 def run_worker(task: dict) -> dict | None:
@@ -434,15 +458,21 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
 
     mib = 1 / 2**20
     for tname in TARGETS:
-        o, t = cells.get(("ours", tname)), cells.get(("theirs", tname))
+        o, t, pair = cells.get(("ours", tname)), cells.get(("theirs", tname)), cells.get(("pair", tname))
         if o is None:
             row(f"LoRA step {tname}: tokens/s", "failed", "", "", "")
             continue
         tok_o = B * T / med(o["step_s"])
         if t is not None:
             tok_t = B * T / med(t["step_s"])
+            if pair is not None:  # the ratio from the interleaved run; alone-in-process figures beside it
+                tok_o, tok_t = B * T / med(pair["ours_s"]), B * T / med(pair["theirs_s"])
             row(f"LoRA step {tname}: tokens/s", f"{tok_o:,.0f}", f"{tok_t:,.0f}", f"{tok_o / tok_t:.2f}x",
                 verdict(tok_o / tok_t, GOALS["train"], True))
+            if pair is not None:
+                alone = med(t["step_s"]) / med(o["step_s"])
+                row("  each alone in its process", f"{B * T / med(o['step_s']):,.0f}", f"{B * T / med(t['step_s']):,.0f}",
+                    f"{alone:.2f}x", "")
             row(f"LoRA step {tname}: peak MiB", f"{o['peak_bytes'] * mib:,.0f}", f"{t['peak_bytes'] * mib:,.0f}",
                 f"{o['peak_bytes'] / t['peak_bytes']:.2f}x", verdict(o["peak_bytes"] / t["peak_bytes"], GOALS["memory"], False))
             if o["n_trainable"] != t["n_trainable"]:
@@ -474,7 +504,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
         row("  same tokens / max logit diff", same, f"{gen['logit_max_diff']:.1e}", "", "")
 
     spreads = {f"{s}/{t} {k}": max(v[k]) / min(v[k]) for (s, t), v in cells.items() if v
-               for k in ("step_s", "ag_plain_step_s", "ag_step_s", "kfac_s") if k in v}
+               for k in ("step_s", "ours_s", "theirs_s", "ag_plain_step_s", "ag_step_s", "kfac_s") if k in v}
     worst = max(spreads, key=spreads.get, default=None)
 
     head = ("measurement", "ours", "theirs", "ours/theirs", "goal")
@@ -577,6 +607,8 @@ def main(argv=None):
             for tname in TARGETS:
                 for stack in ("ours", "theirs") if missing is None else ("ours",):
                     cells[(stack, tname)] = run_worker({**base, "kind": "train", "stack": stack, "targets": tname})
+                if missing is None:  # the tokens/s ratio: both stacks interleaved in one process
+                    cells[("pair", tname)] = run_worker({**base, "kind": "pair", "stack": "pair", "targets": tname})
             gen = run_worker({**base, "kind": "generate"}) if missing is None else None
             report(shape_name, dtype, args.device, cells, gen, peaks[dtype], B, T)
             results["runs"].append({**base, "cells": {f"{s}/{t}": v for (s, t), v in cells.items()}, "generate": gen})

@@ -174,6 +174,24 @@ def test_existing_output_directory_is_refused(tiny_ckpt, task_file, align_file, 
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
 
+def test_bad_input_is_a_clear_error_and_leaves_no_output(tiny_ckpt, task_file, align_file, tmp_path, capsys):
+    """A missing tokenizer and a malformed task file stop the CLI with one line naming the file (no traceback),
+    before anything is written: --out is not even created."""
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(tiny_ckpt / name, no_tok / name)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence": "fine", "label": 1}\n{"sentence": "odd", "label": 3}\n')
+    for ckpt, task, expect in ((no_tok, task_file, f"{no_tok / 'tokenizer.json'} not found"),
+                               (tiny_ckpt, bad, f"{bad}, line 2, field 'label'")):
+        out = tmp_path / f"out-{ckpt.name}-{task.stem}"
+        with pytest.raises(SystemExit):
+            run(ckpt, task, align_file, out, "--steps", "1")
+        assert expect in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, task_file, align_file, tmp_path,
                                                                    monkeypatch, capsys):
     calls = {"n": 0}
