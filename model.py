@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------- config
@@ -272,6 +273,9 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq = None  # RoPE inverse frequencies, a plain attribute: not in the state dict, no dtype cast
+        # activation checkpointing: in training, keep only each block's input and recompute the block in
+        # backward (memory of activations / number of layers, about one more forward of compute)
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids, position_ids=None, mask=None, cache=None, cache_pos=0, hidden_only=False):
         """input_ids (B, T) -> logits (B, T, V), or with hidden_only the final normed hidden states
@@ -293,8 +297,12 @@ class Llama(nn.Module):
         if mask is not None and mask.dtype == torch.bool:
             # once here rather than inside every layer's attention: 0 where a query may attend, -inf elsewhere
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
+            if recompute:  # the RNG state is replayed, so dropout draws the same masks the second time
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)  # (B, T, C) or (B, T, V)
 

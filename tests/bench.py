@@ -25,6 +25,8 @@ as train.py --dtype bf16 does):
     of batches (--no-eigh skips them: minutes at the 1b shape's d = 8192);
   - batched greedy generation (left-padded prompts of different lengths, eos disabled so every row makes
     max_new_tokens): model.generate against transformers' generate, tokens/s, and whether the tokens agree;
+  - our all-linear step with activation checkpointing (train.py --grad-checkpoint) against theirs without:
+    tokens/s (each alone in its process) and peak memory;
   - the matmul peak of the machine (one large torch.mm) and the FLOP/s our LoRA step achieves.
 
 transformers and peft are optional: without them only our own measurements run.
@@ -269,6 +271,7 @@ def build_step(task: dict, stack: str):
         model = build_ours(shape, dtype, device, task["seed"])
         add_lora(model, LoRAConfig(r=r, alpha=2 * r, dropout=0.0, targets=targets))
         params = lora_parameters(model)
+        model.gradient_checkpointing = task.get("grad_checkpoint", False)  # train.py --grad-checkpoint
 
         def loss_sum():  # exactly train.py's step: lm_head at labelled positions only
             return batch_loss_sum(model, batch["input_ids"], batch["labels"])
@@ -322,7 +325,7 @@ def measure_train(task: dict) -> dict:
     out = {"step_s": time_interleaved({"step": step}, task["reps"], device)["step"]}
     out.update(peak_bytes=memory_peak(device) - baseline, setup_bytes=baseline, n_loss_tokens=n_tokens,
                n_trainable=sum(p.numel() for p in params))
-    if task["stack"] == "theirs" or task["targets"] != "all-linear":
+    if task["stack"] == "theirs" or task["targets"] != "all-linear" or task.get("grad_checkpoint"):
         return out
 
     # AlignGuard against plain steps taken alternately, so that both see the same machine
@@ -483,6 +486,15 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
         flops = train_flops(shape.model, TARGETS[tname], 8, B, T) / med(o["step_s"])
         row(f"LoRA step {tname}: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
 
+    c, t = cells.get(("ours-ckpt", "all-linear")), cells.get(("theirs", "all-linear"))
+    if c is not None:
+        tok_c = B * T / med(c["step_s"])
+        ref_t = B * T / med(t["step_s"]) if t is not None else None
+        row("  with --grad-checkpoint: tokens/s", f"{tok_c:,.0f}", f"{ref_t:,.0f}" if ref_t else "-",
+            f"{tok_c / ref_t:.2f}x" if ref_t else "", "")
+        if t is not None:
+            row("  with --grad-checkpoint: peak MiB", f"{c['peak_bytes'] * mib:,.0f}", f"{t['peak_bytes'] * mib:,.0f}",
+                f"{c['peak_bytes'] / t['peak_bytes']:.2f}x", verdict(c["peak_bytes"] / t["peak_bytes"], GOALS["memory"], False))
     o = cells.get(("ours", "all-linear"))
     if o is not None and "ag_step_s" in o:
         plain, ag = med(o["ag_plain_step_s"]), med(o["ag_step_s"])
@@ -609,6 +621,9 @@ def main(argv=None):
                     cells[(stack, tname)] = run_worker({**base, "kind": "train", "stack": stack, "targets": tname})
                 if missing is None:  # the tokens/s ratio: both stacks interleaved in one process
                     cells[("pair", tname)] = run_worker({**base, "kind": "pair", "stack": "pair", "targets": tname})
+            # ours with activation checkpointing (train.py --grad-checkpoint), against theirs without
+            cells[("ours-ckpt", "all-linear")] = run_worker({**base, "kind": "train", "stack": "ours",
+                                                             "targets": "all-linear", "grad_checkpoint": True})
             gen = run_worker({**base, "kind": "generate"}) if missing is None else None
             report(shape_name, dtype, args.device, cells, gen, peaks[dtype], B, T)
             results["runs"].append({**base, "cells": {f"{s}/{t}": v for (s, t), v in cells.items()}, "generate": gen})

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from alignguard import LoRAConfig, add_lora, lora_parameters
+from alignguard import LoRAConfig, add_lora, lora_modules, lora_parameters
 from data import collate, encode_example, load_tokenizer, read_task
 from model import load_model
 
@@ -172,6 +172,36 @@ def test_existing_output_directory_is_refused(tiny_ckpt, task_file, align_file, 
     with pytest.raises(SystemExit):
         run(tiny_ckpt, task_file, align_file, out, "--steps", "1")
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_saves_less(tiny_ckpt, task_file):
+    """--grad-checkpoint: every LoRA gradient bit-identical (dropout replays its masks in the recompute), and the
+    bytes autograd keeps for backward, counted with saved_tensors_hooks, less than half."""
+    tok = load_tokenizer(tiny_ckpt)
+    b = collate([encode_example(tok, p, r, 64)[:2] for p, r in read_task(task_file)[:8]], tok.pad_id)
+    grads, saved = {}, {}
+    for recompute in (False, True):
+        model = load_model(tiny_ckpt)
+        torch.manual_seed(1)
+        add_lora(model, LoRAConfig(r=4, dropout=0.1, targets="all-linear"))
+        for m in lora_modules(model).values():
+            torch.nn.init.normal_(m.lora_B.weight, std=0.1)  # a non-zero update, so every path carries gradient
+        model.train()
+        model.gradient_checkpointing = recompute
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(2)  # the dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = train.batch_loss_sum(model, b["input_ids"], b["labels"])
+        loss.backward()
+        grads[recompute] = [p.grad for p in lora_parameters(model)]
+        saved[recompute] = sum(kept)
+    assert all(torch.equal(g0, g1) for g0, g1 in zip(grads[False], grads[True]))
+    assert saved[True] < 0.5 * saved[False], saved
 
 
 def test_bad_input_is_a_clear_error_and_leaves_no_output(tiny_ckpt, task_file, align_file, tmp_path, capsys):
