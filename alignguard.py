@@ -272,7 +272,9 @@ class FisherBasis:
 
 
 def default_forward(model: nn.Module, batch: dict) -> torch.Tensor:
-    """logits (B, T, V) = model(input_ids), taking `.logits` from a transformers output."""
+    """logits (B, T, V) = model(input_ids), taking `.logits` from a transformers output. A custom forward may
+    instead return (N, V) logits at the loss positions only (labels ≠ -100, row-major order), which skips
+    the vocabulary projection everywhere else."""
     out = model(batch["input_ids"])
     return out.logits if hasattr(out, "logits") else out
 
@@ -280,10 +282,13 @@ def default_forward(model: nn.Module, batch: dict) -> torch.Tensor:
 def _log_likelihood(model, batch, forward, sample: bool, generator):
     """S = Σ_{t: labels_t ≠ -100} log p(ŷ_t | context), ŷ_t ~ p(· | context) if sample else labels_t.
     Returns (mask (B, T) of loss positions, S)."""
-    logits = forward(model, batch)  # (B, T, V)
+    logits = forward(model, batch)  # (B, T, V), or (N, V) at the loss positions already
     mask = batch["labels"] != -100
-    assert logits.shape[:2] == mask.shape, f"logits {tuple(logits.shape)} do not match labels {tuple(mask.shape)}"
-    logp = F.log_softmax(_f32(logits[mask]), dim=-1)  # (N, V), fp32 so the sampling and the sum do not round
+    if logits.dim() == 3:
+        assert logits.shape[:2] == mask.shape, f"logits {tuple(logits.shape)} do not match labels {tuple(mask.shape)}"
+        logits = logits[mask]  # (N, V)
+    assert logits.shape[0] == int(mask.sum()), f"{logits.shape[0]} logit rows for {int(mask.sum())} loss positions"
+    logp = F.log_softmax(_f32(logits), dim=-1)  # (N, V), fp32 so the sampling and the sum do not round
     if sample:  # the model's own predictions: the true Fisher, not the data's
         y = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
     else:
@@ -367,21 +372,27 @@ def kfac_factors(model: nn.Module, batches, kind: str = "true", forward=None, ge
     sums = {n: (torch.zeros(m.in_features, m.in_features, **f64), torch.zeros(m.out_features, m.out_features, **f64),
                 torch.zeros((), **f64)) for n, m in mods.items()}
     for mask, calls in _per_call_grads(model, batches, mods, forward or default_forward, kind == "true", generator):
+        xxT = {}  # Σ x xᵀ once per input tensor: q, k, v_proj (and gate, up_proj) read the same one
         with torch.autocast(mask.device.type, enabled=False):  # second moments in fp32 under any autocast
             for n, c in calls.items():
                 A_sum, G_sum, N = sums[n]
                 for x, g in c:
                     assert x.shape[:-1] == mask.shape, f"{n}: input {tuple(x.shape)} vs labels {tuple(mask.shape)}"
-                    x, g = _f32(x[mask]), _f32(g[mask])  # (N_b, d_in), (N_b, d_out): loss tokens only
-                    A_sum += (x.T @ x).double()
-                    G_sum += (g.T @ g).double()
-                    N += x.shape[0]
+                    key = (x.data_ptr(), x.shape, x.stride())  # every recorded input is alive: no address reuse
+                    if key not in xxT:
+                        xm = _f32(x[mask])  # (N_b, d_in): loss tokens only
+                        xxT[key] = xm.T @ xm
+                    g = _f32(g[mask])  # (N_b, d_out)
+                    A_sum += xxT[key]  # an fp32 product added into the fp64 sum, without an fp64 copy
+                    G_sum += g.T @ g
+                    N += g.shape[0]
     out = {}
     for n, (A_sum, G_sum, N) in sums.items():
         _all_reduce(A_sum, G_sum, N)
+        N = int(N)
         if N == 0:
             raise ValueError("the Fisher batches hold no loss tokens (labels != -100)")
-        out[n] = (A_sum / N, G_sum / N, int(N))
+        out[n] = (A_sum.div_(N), G_sum.div_(N), N)  # in place: no second (d, d) fp64 buffer per factor
     return out
 
 

@@ -116,6 +116,13 @@ def batch_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
     return token_loss_sum(model.lm_head(h)[None], labels[keep][None])
 
 
+def labelled_logits(model, batch: dict) -> torch.Tensor:
+    """(N, V) logits at the labelled positions of a batch, the forward the Fisher estimation uses
+    (alignguard's `forward` hook): lm_head skips the prompt, as in training."""
+    keep = batch["labels"] != -100                                   # (B, T)
+    return model.lm_head(model(batch["input_ids"], hidden_only=True)[keep])  # (N, V)
+
+
 def normalised_loss(loss_sum: torch.Tensor, n_tokens_step: int) -> torch.Tensor:
     """A micro-batch's contribution to the step loss: its token-loss sum over the response tokens of
     the WHOLE accumulated (and, under torchrun, global) batch. Summing the contributions of k
@@ -300,12 +307,14 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache = cache_dir / f"fisher-{cfg.method}-{key}.safetensors"
         t0 = time.time()
+        # lm_head only at the response tokens, unless it is itself adapted (its hooks expect (B, T, C) inputs)
+        fisher_forward = None if "lm_head" in lora.targets else labelled_logits
         if cfg.method == "alignguard":
             if cache.exists():
                 basis = load_fisher(cache, model=model, expect=meta)
             else:
                 with autocast:
-                    basis = estimate_fisher(model, batches, k=agc.k, kind=agc.fisher, targets=lora.targets,
+                    basis = estimate_fisher(model, batches, k=agc.k, kind=agc.fisher, targets=lora.targets, forward=fisher_forward,
                                             generator=torch.Generator(device=device).manual_seed(cfg.seed))
                 if master:
                     save_fisher(cache, basis, meta)
@@ -314,7 +323,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                 f_diag = load_file(str(cache))
             else:
                 with autocast:
-                    f_diag = diag_fisher(model, batches, targets=lora.targets)
+                    f_diag = diag_fisher(model, batches, targets=lora.targets, forward=fisher_forward)
                 if master:
                     save_file({k: v.contiguous() for k, v in f_diag.items()}, str(cache))
             f_diag = {k: v.to(device) for k, v in f_diag.items()}

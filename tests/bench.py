@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: m
 from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, add_lora, estimate_fisher, kfac_factors,  # noqa: E402
                         lora_modules, lora_parameters, penalties)
 from model import Llama, ModelConfig, generate, init_weights  # noqa: E402
-from train import batch_loss_sum, normalised_loss, token_loss_sum  # noqa: E402
+from train import batch_loss_sum, labelled_logits, normalised_loss, token_loss_sum  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all-linear": "all-linear"}
@@ -339,11 +339,12 @@ def measure_train(task: dict) -> dict:
     # d = 1536 on a CPU): the factors are timed like the steps, the whole estimation once
     gen = torch.Generator(device).manual_seed(task["seed"])
     with autocast:  # as train.py estimates it: under the run's autocast
-        kfac = lambda: kfac_factors(model, [batch], kind="true", generator=gen)  # noqa: E731
+        kfac = lambda: kfac_factors(model, [batch], kind="true", generator=gen, forward=labelled_logits)  # noqa: E731
         kfac()  # warm-up
         out["kfac_s"] = time_interleaved({"kfac": kfac}, task["reps"], device)["kfac"]
         if not task["no_eigh"]:
-            out["fisher_s"] = [timed(lambda: estimate_fisher(model, [batch], k=32, kind="true", generator=gen), device)]
+            out["fisher_s"] = [timed(lambda: estimate_fisher(model, [batch], k=32, kind="true", generator=gen,
+                                                                forward=labelled_logits), device)]
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from alignguard import LoRAConfig, add_lora, lora_modules, lora_parameters
+from alignguard import LoRAConfig, add_lora, diag_fisher, kfac_factors, lora_modules, lora_parameters
 from data import collate, encode_example, load_tokenizer, read_task
 from model import load_model
 
@@ -202,6 +202,30 @@ def test_activation_checkpointing_gives_the_same_gradients_and_saves_less(tiny_c
         saved[recompute] = sum(kept)
     assert all(torch.equal(g0, g1) for g0, g1 in zip(grads[False], grads[True]))
     assert saved[True] < 0.5 * saved[False], saved
+
+
+def test_fisher_from_labelled_logits_equals_the_full_forward(tiny_ckpt, align_file):
+    """train.labelled_logits (lm_head at the response tokens only) gives the K-FAC factors, the same samples
+    of the true Fisher and the diagonal Fisher of the default forward, whose (B, T, V) logits are indexed."""
+    tok = load_tokenizer(tiny_ckpt)
+    model = load_model(tiny_ckpt)
+    b = collate([encode_example(tok, p, r, 64)[:2] for p, r in read_task(align_file)], tok.pad_id)
+    targets = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # shared inputs: q, k, v; gate, up
+    full, fast = ({n: f for n, f in kfac_factors(model, [b], kind="true", targets=targets, forward=fwd,
+                                                 generator=torch.Generator().manual_seed(0)).items()}
+                  for fwd in (None, train.labelled_logits))
+    assert full.keys() == fast.keys()
+    for n in full:
+        assert full[n][2] == fast[n][2] == int((b["labels"] != -100).sum())
+        for a, c in zip(full[n][:2], fast[n][:2]):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-9)
+    for suffix in ("k_proj", "v_proj", "up_proj"):  # Ā of a module that shares its input, hooked alone: no sharing
+        alone = kfac_factors(model, [b], kind="empirical", targets=(suffix,))
+        for n, (A_bar, _, _) in alone.items():
+            torch.testing.assert_close(fast[n][0], A_bar, rtol=1e-12, atol=0)
+    d_full, d_fast = (diag_fisher(model, [b], targets=targets, forward=fwd) for fwd in (None, train.labelled_logits))
+    for n in d_full:
+        torch.testing.assert_close(d_full[n], d_fast[n], rtol=1e-5, atol=1e-12)
 
 
 def test_bad_input_is_a_clear_error_and_leaves_no_output(tiny_ckpt, task_file, align_file, tmp_path, capsys):
