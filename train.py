@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = 8            # examples per micro-batch per process
     grad_accum: int = 1            # micro-batches per optimizer step
     max_len: int = 256             # tokens per example; longer ones are truncated and counted
-    grad_checkpoint: bool = False  # activation checkpointing: recompute each block in backward (far less memory, ~1/3 more compute)
+    grad_checkpoint: bool = False  # activation checkpointing: recompute each block in backward (less memory, more compute)
     steps: int = 0                 # optimizer steps; 0 derives them from --epochs
     epochs: float = 1.0            # passes over the task data when --steps is 0
     lr: float = 2e-4               # peak learning rate
@@ -314,7 +314,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                 basis = load_fisher(cache, model=model, expect=meta)
             else:
                 with autocast:
-                    basis = estimate_fisher(model, batches, k=agc.k, kind=agc.fisher, targets=lora.targets, forward=fisher_forward,
+                    basis = estimate_fisher(model, batches, k=agc.k, kind=agc.fisher, targets=lora.targets,
+                                            forward=fisher_forward,
                                             generator=torch.Generator(device=device).manual_seed(cfg.seed))
                 if master:
                     save_fisher(cache, basis, meta)
