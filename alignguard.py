@@ -555,6 +555,9 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
         ∂E/∂ΔW = G_T + U_g K U_aᵀ,   K = U_gᵀ (G_A − G_T) U_a   (k_g, k_a),
         ∂E/∂B = s·∂E/∂ΔW Aᵀ,   ∂E/∂A = s·Bᵀ ∂E/∂ΔW.
 
+    With P_g = U_g U_gᵀ, P_a = U_a U_aᵀ: ΔW_A = s·(P_g B)(A P_a) and U_g K U_aᵀ = P_g (G_A − G_T) P_a, so
+    every dense product has inner size r (or produces r rows or columns): the cost does not grow with k.
+
     Autograd keeps only these (d_out, r) and (r, d_in) gradients: the memory saved for backward does not
     grow with the number of modules, and backward recomputes nothing (activation checkpointing would
     rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
@@ -562,7 +565,10 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     with torch.no_grad():
         # The work is a dozen passes over (d_out, d_in) matrices: in-place operations keep it to
         # a few live buffers instead of a fresh allocation per operation.
-        dW, dW_A, dW_T = dense_split(A, B, s, U_g, U_a)
+        # ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a) has rank ≤ r: products with inner size r, not k
+        B_A, A_A = U_g @ (U_g.mT @ B), (A @ U_a) @ U_a.mT  # P_g B (.., d_out, r), A P_a (.., r, d_in)
+        dW, dW_A = s * B @ A, s * B_A @ A_A
+        dW_T = dW - dW_A
         n = dW.shape[-2] * dW.shape[-1]
         tau = (torch.linalg.vector_norm(dW, dim=(-2, -1), keepdim=True) / n**0.5).clamp_min(torch.finfo(dW.dtype).tiny)
         rho = torch.sigmoid_(dW.abs().sub_(tau).div_(tau)).mul_(beta).add_(1)  # 1 + β·sigmoid((|ΔW| − τ)/τ)
@@ -576,9 +582,10 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
             return E
         E_, w = E[..., None, None], rho.div_(D[..., None, None])  # (.., 1, 1) to broadcast; w = ρ / D
         G_T = (S * dW_A).sub_(dW_T * E_).mul_(w)                  # ρ (S ΔW_A − E ΔW_T) / D
-        K = U_g.mT @ dW_T.sub_(dW_A).mul_(S.add_(E_)).mul_(w) @ U_a  # U_gᵀ [ρ (S + E)(ΔW_T − ΔW_A) / D] U_a
-        grad_B = s * (G_T @ A.mT + U_g @ K @ (A @ U_a).mT)
-        grad_A = s * (B.mT @ G_T + (B.mT @ U_g) @ K @ U_a.mT)
+        M = dW_T.sub_(dW_A).mul_(S.add_(E_)).mul_(w)  # G_A − G_T = ρ (S + E)(ΔW_T − ΔW_A) / D
+        # U_g K U_aᵀ = P_g M P_a, so its share of ∂E/∂B is P_g (M (A P_a)ᵀ) and of ∂E/∂A ((P_g B)ᵀ M) P_a
+        grad_B = s * (G_T @ A.mT + U_g @ (U_g.mT @ (M @ A_A.mT)))
+        grad_A = s * (B.mT @ G_T + ((B_A.mT @ M) @ U_a) @ U_a.mT)
     # B − B.detach() is zero with derivative 1: the value stays E, the gradient becomes (grad_A, grad_B)
     return E + _inner(grad_B, B - B.detach()) + _inner(grad_A, A - A.detach())
 
