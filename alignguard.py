@@ -537,7 +537,8 @@ def lora_split(A, B, s, U_g, U_a):
 
 
 def dense_split(A, B, s, U_g, U_a):
-    """The split materialised, (.., d_out, d_in) each: ΔW = s·B·A, ΔW_A = U_g C U_aᵀ, ΔW_T = ΔW − ΔW_A."""
+    """The split materialised, (.., d_out, d_in) each: ΔW = s·B·A, ΔW_A = U_g C U_aᵀ, ΔW_T = ΔW − ΔW_A,
+    written as DESIGN 3.2 states it: the reference the factored terms and e_rm's rank-r form are tested against."""
     dW = s * B @ A
     dW_A = U_g @ (s * (U_g.mT @ B) @ (A @ U_a)) @ U_a.mT
     return dW, dW_A, dW - dW_A
@@ -564,8 +565,8 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     """
     with torch.no_grad():
         # The work is a dozen passes over (d_out, d_in) matrices: in-place operations keep it to
-        # a few live buffers instead of a fresh allocation per operation.
-        # ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a) has rank ≤ r: products with inner size r, not k
+        # a few live buffers instead of a fresh allocation per operation. ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a)
+        # has rank ≤ r: formed with inner size r, not k.
         B_A, A_A = U_g @ (U_g.mT @ B), (A @ U_a) @ U_a.mT  # P_g B (.., d_out, r), A P_a (.., r, d_in)
         dW, dW_A = s * B @ A, s * B_A @ A_A
         dW_T = dW - dW_A
