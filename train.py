@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -107,13 +108,66 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+class LMHeadLoss(torch.autograd.Function):
+    """Σ_n CE(W h_n, y_n) for h (N, C), W (V, C), labels y (N,): token_loss_sum(F.linear(h, W), y) that never
+    holds the (N, V) logits. The loss is a sum of per-row terms, so its gradient is known in the forward:
+    ∂/∂h_n = (softmax(z_n) − onehot(y_n)) W and ∂/∂W = Σ_n (softmax(z_n) − onehot(y_n)) h_nᵀ. Rows go through
+    in chunks of `rows`: logits, loss and gradient per chunk, then the chunk's logits are freed; backward only
+    scales the stored gradients by the incoming one. Autograd through F.cross_entropy would keep the (N, V)
+    log-probabilities for backward and build an (N, V) gradient there: 2 x 127 MB on SmolLM2 at N = 649.
+    The same matmuls run as with autograd (forward logits, then the gradient ones), in the same dtypes."""
+
+    @staticmethod
+    def forward(ctx, h, W, y, rows):
+        f32 = torch.promote_types(W.dtype, torch.float32)  # the loss and the sums: fp32, or fp64 for fp64
+        loss = torch.zeros((), device=h.device, dtype=f32)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_W = torch.zeros(W.shape, device=W.device, dtype=f32) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.shape[0], rows):
+            h_i, y_i = h[i:i + rows], y[i:i + rows]                      # (n, C), (n,)
+            z_lp = F.linear(h_i, W)                                      # (n, V), autocast's dtype
+            z = z_lp.to(f32)
+            lse = torch.logsumexp(z, -1)                                 # (n,)
+            loss += (lse - z.gather(1, y_i[:, None])[:, 0]).sum()
+            dz = z.sub_(lse[:, None]).exp_()                             # softmax(z), in place
+            dz[torch.arange(len(y_i), device=dz.device), y_i] -= 1       # − onehot(y)
+            dz = dz.to(z_lp.dtype)                                       # autograd's cast back to the logits' dtype
+            if grad_h is not None:
+                grad_h[i:i + rows] = dz @ W
+            if grad_W is not None:
+                grad_W += dz.mT @ h_i
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.W_dtype = W.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_W = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * g.to(grad_h.dtype),
+                None if grad_W is None else (grad_W * g).to(ctx.W_dtype),
+                None, None)
+
+
+def lm_head_loss_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
+    """token_loss_sum(lm_head(h), labels) for h (N, C) and labels (N,) with no -100: through LMHeadLoss,
+    `chunk` logits at a time, when lm_head is a plain bias-free Linear and a gradient is wanted; otherwise
+    (no grad, an adapted lm_head, or fp16, whose loss scale must multiply the softmax before its cast to
+    fp16 and is not known in the forward) through the logits."""
+    W, dev = getattr(lm_head, "weight", None), h.device.type
+    fp16 = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype) == torch.float16
+    if (type(lm_head) is nn.Linear and lm_head.bias is None and not fp16 and torch.is_grad_enabled()
+            and (h.requires_grad or W.requires_grad)):
+        return LMHeadLoss.apply(h, W, labels, max(1, chunk // W.shape[0]))
+    return token_loss_sum(lm_head(h)[None], labels[None])
+
+
 def batch_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """token_loss_sum of the model on a batch, with lm_head applied only at labelled positions:
     (N, V) logits instead of (B, T, V), which with a large vocabulary and short responses is most of
-    the step's time and memory."""
+    the step's time and memory, and a chunk of them at a time (lm_head_loss_sum)."""
     keep = labels != -100                                   # (B, T)
     h = model(input_ids, hidden_only=True)[keep]            # (N, C)
-    return token_loss_sum(model.lm_head(h)[None], labels[keep][None])
+    return lm_head_loss_sum(model.lm_head, h, labels[keep])
 
 
 def labelled_logits(model, batch: dict) -> torch.Tensor:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import Llama, ModelConfig, generate, init_weights, load_model, rope_cos_sin, rope_inv_freq, save_model
+from model import (Llama, ModelConfig, generate, init_weights, load_model, rope_cos_sin, rope_inv_freq, save_model,
+                   swiglu)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -91,6 +92,27 @@ def greedy_without_cache(model, prompt, n):
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_equals_autograd_and_keeps_two_tensors(dtype):
+    """swiglu's own backward against autograd through F.silu(g) * u: bit-identical gradients (the same kernels),
+    and it keeps g and u for backward where autograd keeps g, silu(g) and u."""
+    gen = torch.Generator().manual_seed(0)
+    g0, u0, dy = (torch.randn(3, 5, 16, generator=gen).to(dtype) for _ in range(3))
+    grads, kept = {}, {}
+    for name, fn in {"ours": swiglu, "autograd": lambda g, u: torch.nn.functional.silu(g) * u}.items():
+        g, u = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+        kept[name] = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept[name].add(t.data_ptr()) or t, lambda t: t):
+            y = fn(g, u)
+        y.backward(dy)
+        grads[name] = (y.detach(), g.grad, u.grad)
+    assert all(torch.equal(a, b) for a, b in zip(grads["ours"], grads["autograd"]))
+    assert len(kept["ours"]) == 2 and len(kept["autograd"]) == 3
+    g, u = (torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(swiglu, (g, u))
+    assert torch.autograd.gradcheck(lambda g: swiglu(g, u.detach()), (g,))  # one input without grad
 
 
 def test_kv_cache_generation_equals_recompute():

@@ -174,6 +174,43 @@ def test_existing_output_directory_is_refused(tiny_ckpt, task_file, align_file, 
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_lm_head_loss_equals_autograd_through_the_logits(dtype, tol, weight_grad):
+    """train.lm_head_loss_sum (chunks of 3 rows over 10, gradients formed in the forward) against
+    token_loss_sum(lm_head(h)) differentiated by autograd: the loss and the gradients of h and of lm_head's
+    weight (trained in --method full), under a loss scaled afterwards as normalised_loss does."""
+    gen = torch.Generator().manual_seed(0)
+    lm_head = torch.nn.Linear(16, 40, bias=False).requires_grad_(weight_grad)
+    h0, y = torch.randn(10, 16, generator=gen), torch.randint(0, 40, (10,), generator=gen)
+    out = {}
+    for name, fn in {"ours": lambda h: train.lm_head_loss_sum(lm_head, h, y, chunk=3 * 40),
+                     "autograd": lambda h: train.token_loss_sum(lm_head(h)[None], y[None])}.items():
+        h, lm_head.weight.grad = h0.clone().requires_grad_(), None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = fn(h)
+        (loss / 7).backward()
+        out[name] = [loss.detach(), h.grad] + ([lm_head.weight.grad] if weight_grad else [])
+    for got, ref in zip(out["ours"], out["autograd"]):
+        assert (got - ref).abs().max() <= tol * ref.abs().max()
+    h = torch.randn(5, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    W = torch.randn(40, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, W: train.LMHeadLoss.apply(h, W, y[:5], 2), (h, W))
+
+
+def test_lm_head_loss_keeps_no_logits():
+    """What autograd keeps for backward of lm_head_loss_sum holds no (N, V) tensor: the logits of a chunk die
+    with it. Through the logits, F.cross_entropy keeps the (N, V) log-probabilities."""
+    lm_head = torch.nn.Linear(16, 400, bias=False).requires_grad_(False)
+    h, y = torch.randn(50, 16, requires_grad=True), torch.randint(0, 400, (50,))
+    for fn, most in ((lambda: train.lm_head_loss_sum(lm_head, h, y, chunk=8 * 400), 50 * 16),
+                     (lambda: train.token_loss_sum(lm_head(h)[None], y[None]), 50 * 400)):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            fn()
+        assert max(kept) == most, kept
+
+
 def test_activation_checkpointing_gives_the_same_gradients_and_saves_less(tiny_ckpt, task_file):
     """--grad-checkpoint: every LoRA gradient bit-identical (dropout replays its masks in the recompute), and the
     bytes autograd keeps for backward, counted with saved_tensors_hooks, less than half."""
@@ -249,14 +286,14 @@ def test_bad_input_is_a_clear_error_and_leaves_no_output(tiny_ckpt, task_file, a
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, task_file, align_file, tmp_path,
                                                                    monkeypatch, capsys):
     calls = {"n": 0}
-    real = train.token_loss_sum
+    real = train.batch_loss_sum
 
-    def poisoned(logits, labels):  # finite for the first 4 steps, then NaN
+    def poisoned(model, input_ids, labels):  # finite for the first 4 steps, then NaN
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(model, input_ids, labels)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setattr(train, "token_loss_sum", poisoned)
+    monkeypatch.setattr(train, "batch_loss_sum", poisoned)
     out = tmp_path / "o"
     with pytest.raises(SystemExit):
         run(tiny_ckpt, task_file, align_file, out, "--steps", "8", "--ckpt-every", "2", "--method", "lora")
@@ -312,7 +349,8 @@ def test_batch_loss_sum_equals_the_loss_over_all_logits(tiny_ckpt, task_file):
 
 def test_non_finite_loss_stops_an_fp16_run_too(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch):
     """The loss scaler skips steps whose gradients overflow; a non-finite loss itself still stops."""
-    monkeypatch.setattr(train, "token_loss_sum", lambda logits, labels: logits.float().sum() * float("nan"))
+    real = train.batch_loss_sum
+    monkeypatch.setattr(train, "batch_loss_sum", lambda *args: real(*args) * float("nan"))
     with pytest.raises(SystemExit):
         run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "3", "--dtype", "fp16", "--method", "lora")
     assert not (tmp_path / "o" / "adapter").exists()
