@@ -69,8 +69,8 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**18  # most ΔW entries E_rm materialises at once: ~10 fp32 copies stay in cache-friendly, reused heap blocks
-    compile_rm: bool = False  # torch.compile E_rm (2.2x faster on CPU) after ~25 s of compiling per module shape
+    rm_chunk: int = 2**22  # most ΔW entries E_rm materialises at once (6 fp32 buffers: 100 MB); 2^20..2^24 measured, 2^22 fastest
+    compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~20 s of compiling once, then ~25% less penalty time on CPU
 
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):
@@ -544,6 +544,12 @@ def dense_split(A, B, s, U_g, U_a):
     return dW, dW_A, dW - dW_A
 
 
+def _dots(X, Y):
+    """<X, Y> per module of a stack (.., m, n) as BLAS dot products: no (.., m, n) product is materialised."""
+    x, y = X.reshape(-1, X.shape[-2] * X.shape[-1]), Y.reshape(-1, Y.shape[-2] * Y.shape[-1])  # (L, m n)
+    return torch.stack([torch.dot(a, b) for a, b in zip(x, y)]).view(X.shape[:-2])
+
+
 def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     """E_rm = Σ_ij ρ_ij |ΔW_A,ij ΔW_T,ij| / D,  D = Σ_ij ρ_ij (ΔW_A,ij² + ΔW_T,ij²)/2 + ε,  in [0, 1],
     ρ_ij = 1 + β·sigmoid((|ΔW_ij| − τ)/τ), τ = RMS(ΔW): large coordinates weigh more; ρ is a constant
@@ -552,51 +558,57 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     Value and gradient come from one pass over the (d_out, d_in) matrices, outside autograd. With
     S = sign(ΔW_A ⊙ ΔW_T) and ΔW_A = U_g U_gᵀ ΔW U_a U_aᵀ (a projection, self-adjoint):
 
-        G_T = ∂E/∂ΔW_T = ρ (S ΔW_A − E ΔW_T) / D,   G_A − G_T = ρ (S + E)(ΔW_T − ΔW_A) / D,
+        G_T = ∂E/∂ΔW_T = ρ (S ΔW_A − E ΔW_T) / D,   G_A = ∂E/∂ΔW_A = ρ (S ΔW_T − E ΔW_A) / D,
         ∂E/∂ΔW = G_T + U_g K U_aᵀ,   K = U_gᵀ (G_A − G_T) U_a   (k_g, k_a),
         ∂E/∂B = s·∂E/∂ΔW Aᵀ,   ∂E/∂A = s·Bᵀ ∂E/∂ΔW.
 
     With P_g = U_g U_gᵀ, P_a = U_a U_aᵀ: ΔW_A = s·(P_g B)(A P_a) and U_g K U_aᵀ = P_g (G_A − G_T) P_a, so
     every dense product has inner size r (or produces r rows or columns): the cost does not grow with k.
+    S ΔW_A = copysign(ΔW_A, ΔW_T) and S ΔW_T = copysign(ΔW_T, ΔW_A), so S itself is never formed, and
+    τ² = s²<BᵀB, AAᵀ>/(d_out d_in) comes from the factors.
 
     Autograd keeps only these (d_out, r) and (r, d_in) gradients: the memory saved for backward does not
     grow with the number of modules, and backward recomputes nothing (activation checkpointing would
     rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
     """
     with torch.no_grad():
-        # The work is a dozen passes over (d_out, d_in) matrices: in-place operations keep it to
-        # a few live buffers instead of a fresh allocation per operation. ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a)
-        # has rank ≤ r: formed with inner size r, not k.
+        # Six (.., d_out, d_in) buffers, every later operation in place or into one of them: on a CPU a
+        # fresh matrix per operation costs more than its arithmetic (the SmolLM2-shape penalty: 1129 ms with
+        # out-of-place products and 2^18-entry chunks, 863 ms like this with 2^22).
+        # ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a) has rank ≤ r: formed with inner size r, not k.
         B_A, A_A = U_g @ (U_g.mT @ B), (A @ U_a) @ U_a.mT  # P_g B (.., d_out, r), A P_a (.., r, d_in)
-        dW, dW_A = s * B @ A, s * B_A @ A_A
-        dW_T = dW - dW_A
-        n = dW.shape[-2] * dW.shape[-1]
-        tau = (torch.linalg.vector_norm(dW, dim=(-2, -1), keepdim=True) / n**0.5).clamp_min(torch.finfo(dW.dtype).tiny)
-        rho = torch.sigmoid_(dW.abs().sub_(tau).div_(tau)).mul_(beta).add_(1)  # 1 + β·sigmoid((|ΔW| − τ)/τ)
-        del dW
-        D = 0.5 * (_inner(rho, dW_A * dW_A) + _inner(rho, dW_T * dW_T)) + eps
-        overlap = dW_A * dW_T
-        S = overlap.sign()
-        E = _inner(rho, overlap.mul_(S)) / D  # S·overlap = |ΔW_A ⊙ ΔW_T|
-        del overlap
+        dW_A = (s * B_A) @ A_A
+        rho = (s * B) @ A                                   # ΔW, then ρ in place
+        dW_T = rho - dW_A
+        n = B.shape[-2] * A.shape[-1]
+        tau = s * (_inner(B.mT @ B, A @ A.mT).clamp_min(0) / n).sqrt()  # RMS(ΔW) = ||ΔW|| / √(d_out d_in)
+        tau = tau.clamp_min(torch.finfo(A.dtype).tiny)[..., None, None]
+        rho.abs_().div_(tau).sub_(1).sigmoid_().mul_(beta).add_(1)  # 1 + β·sigmoid((|ΔW| − τ)/τ)
+        q = torch.mul(dW_A, dW_A).addcmul_(dW_T, dW_T)      # ΔW_A² + ΔW_T²
+        D = 0.5 * _dots(rho, q) + eps
+        E = _dots(rho, torch.mul(dW_A, dW_T, out=q).abs_()) / D
         if not with_grad:
             return E
-        E_, w = E[..., None, None], rho.div_(D[..., None, None])  # (.., 1, 1) to broadcast; w = ρ / D
-        G_T = (S * dW_A).sub_(dW_T * E_).mul_(w)                  # ρ (S ΔW_A − E ΔW_T) / D
-        M = dW_T.sub_(dW_A).mul_(S.add_(E_)).mul_(w)  # G_A − G_T = ρ (S + E)(ΔW_T − ΔW_A) / D
-        # U_g K U_aᵀ = P_g M P_a, so its share of ∂E/∂B is P_g (M (A P_a)ᵀ) and of ∂E/∂A ((P_g B)ᵀ M) P_a
-        grad_B = s * (G_T @ A.mT + U_g @ (U_g.mT @ (M @ A_A.mT)))
-        grad_A = s * (B.mT @ G_T + ((B_A.mT @ M) @ U_a) @ U_a.mT)
+        E_ = -E[..., None, None]  # (.., 1, 1) to broadcast
+        G_T = torch.copysign(dW_A, dW_T, out=q).addcmul_(dW_T, E_).mul_(rho)     # D·G_T = ρ (S ΔW_A − E ΔW_T)
+        G_A = torch.copysign(dW_T, dW_A, out=dW_T).addcmul_(dW_A, E_).mul_(rho)  # D·G_A = ρ (S ΔW_T − E ΔW_A)
+        # ∂E/∂B = s (G_T Aᵀ + P_g (G_A − G_T)(A P_a)ᵀ), ∂E/∂A = s (Bᵀ G_T + (P_g B)ᵀ (G_A − G_T) P_a):
+        # G_T is read once per side, against A and A P_a (B and P_g B) side by side
+        r, c = A.shape[-2], (s / D)[..., None, None]
+        GA_r, GA_l = G_T @ torch.cat([A, A_A], -2).mT, torch.cat([B, B_A], -1).mT @ G_T  # (.., d_out, 2r), (.., 2r, d_in)
+        grad_B = c * (GA_r[..., :r] + U_g @ (U_g.mT @ (G_A @ A_A.mT - GA_r[..., r:])))
+        grad_A = c * (GA_l[..., :r, :] + ((B_A.mT @ G_A - GA_l[..., r:, :]) @ U_a) @ U_a.mT)
     # B − B.detach() is zero with derivative 1: the value stays E, the gradient becomes (grad_A, grad_B)
     return E + _inner(grad_B, B - B.detach()) + _inner(grad_A, A - A.detach())
 
 
 @functools.cache
 def compiled_e_rm():
-    """e_rm through torch.compile: its dozen elementwise passes over the (d_out, d_in) matrices fused
-    into a few. Measured on CPU (4 stacked 1536 x 576 modules, forward + backward): 55.6 -> 24.9 ms,
-    after 24 s of compiling, paid again for every new module shape; so it pays in long runs only."""
-    return torch.compile(e_rm, dynamic=False)
+    """e_rm through torch.compile with dynamic shapes: its elementwise passes over the (d_out, d_in)
+    matrices fused into a few, one compilation for every module shape. Measured on CPU (SmolLM2's four
+    module shapes): about 20 s of compiling in a fresh process with an empty inductor cache, 3 s with a
+    warm one; the AlignGuard step over the plain one +19% instead of +25%."""
+    return torch.compile(e_rm, dynamic=True)
 
 
 def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: float = 1e-8,
