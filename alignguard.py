@@ -69,7 +69,7 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**22  # most ΔW entries E_rm materialises at once (6 fp32 buffers: 100 MB); 2^20..2^24 measured, 2^22 fastest
+    rm_chunk: int = 2**22  # most ΔW entries E_rm materialises at once (4 fp32 buffers, 64 MB); of 2^18..2^24, 2^22 was fastest
     compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~20 s of compiling once, then ~25% less penalty time on CPU
 
     def __post_init__(self):
@@ -574,7 +574,7 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
     """
     with torch.no_grad():
-        # Six (.., d_out, d_in) buffers, every later operation in place or into one of them: on a CPU a
+        # Four (.., d_out, d_in) buffers, every later operation in place or into one of them: on a CPU a
         # fresh matrix per operation costs more than its arithmetic (the SmolLM2-shape penalty: 1129 ms with
         # out-of-place products and 2^18-entry chunks, 863 ms like this with 2^22).
         # ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a) has rank ≤ r: formed with inner size r, not k.
