@@ -399,11 +399,13 @@ def test_e_rm_gradient_treats_rho_as_a_constant():
         torch.testing.assert_close(got, want)
 
 
-def test_e_rm_of_a_stack_equals_each_module_by_autograd():
+@pytest.mark.parametrize("s", [1.7, -1.7])
+def test_e_rm_of_a_stack_equals_each_module_by_autograd(s):
     """e_rm on a stack (L, ..) of three modules, value and gradient of Σ_l w_l E_rm,l, against the dense
-    formula differentiated by autograd one module at a time (ρ constant), k_g != k_a."""
+    formula differentiated by autograd one module at a time (ρ constant), k_g != k_a; a negative scaling
+    (lora_alpha < 0) too."""
     torch.manual_seed(3)
-    L, d_out, d_in, r, s, beta = 3, 7, 9, 2, 1.7, 1.5
+    L, d_out, d_in, r, beta = 3, 7, 9, 2, 1.5
     A = torch.randn(L, r, d_in, dtype=f64, requires_grad=True)
     B = torch.randn(L, d_out, r, dtype=f64, requires_grad=True)
     U_g = torch.stack([orthonormal(d_out, 3, i) for i in range(L)])

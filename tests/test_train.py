@@ -189,6 +189,7 @@ def test_lm_head_loss_equals_autograd_through_the_logits(dtype, tol, weight_grad
         h, lm_head.weight.grad = h0.clone().requires_grad_(), None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = fn(h)
+        assert (type(loss.grad_fn).__name__ == "LMHeadLossBackward") == (name == "ours")  # no silent fallback
         (loss / 7).backward()
         out[name] = [loss.detach(), h.grad] + ([lm_head.weight.grad] if weight_grad else [])
     for got, ref in zip(out["ours"], out["autograd"]):
