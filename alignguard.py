@@ -518,24 +518,24 @@ def _inner(X, Y):
 
 
 def lora_split(A, B, s, U_g, U_a):
-    """ΔW = s·B·A split along the Fisher basis in factors only, nothing (d_out, d_in):
+    """ΔW = s·B·A split along the Fisher basis in factors only, nothing (d_out, d_in) and nothing k x d:
 
-        C = U_gᵀ ΔW U_a = s·(U_gᵀB)(A U_a)             (k_g, k_a)
-        X = U_gᵀ ΔW_T = s·(U_gᵀB)A − C U_aᵀ            (k_g, d_in)
-        Y = ΔW_T U_a = s·B(A U_a) − U_g C              (d_out, k_a)
-        ||ΔW_T||² = ||s·(B − U_g U_gᵀB)A||² + ||X||²     (ΔW_T = (I − P_g)ΔW + U_g X, orthogonal parts)
+        P = U_gᵀB (k_g, r),  Q = A U_a (r, k_a),  B⊥ = B − U_g P (d_out, r),  A⊥ = A − Q U_aᵀ (r, d_in)
+        C = U_gᵀ ΔW U_a = s·P Q                             (k_g, k_a)
+        X = U_gᵀ ΔW_T = s·P A⊥                               (k_g, d_in)
+        Y = ΔW_T U_a = s·B⊥ Q                                (d_out, k_a)
+        ||ΔW_T||² = s² (<B⊥ᵀB⊥, AAᵀ> + <PᵀP, A⊥A⊥ᵀ>)        (ΔW_T = s·B⊥A + U_g X, orthogonal parts)
 
     Assumes U_gᵀU_g = U_aᵀU_a = I. ||ΔW_T||² equals ||ΔW||² − ||C||², but the sum of squares avoids that
-    difference's cancellation when ΔW lies almost inside the subspace. Every argument may carry a
-    leading stack dimension L (modules of one shape). Returns (C, X, Y, ||ΔW_T||²).
+    difference's cancellation when ΔW lies almost inside the subspace. X and Y stay factored: every norm of
+    them the penalties need is an r x r Gram product, O(k·r·d) per module rather than O(k²·d). Every argument
+    may carry a leading stack dimension L (modules of one shape). Returns (C, P, Q, B⊥, A⊥, ||ΔW_T||²).
     """
     P, Q = U_g.mT @ B, A @ U_a  # (.., k_g, r), (.., r, k_a)
     C = s * P @ Q
-    X = s * P @ A - C @ U_a.mT
-    Y = s * B @ Q - U_g @ C
-    B_perp = B - U_g @ P  # (.., d_out, r): B outside span(U_g)
-    dWT_sq = s**2 * _inner(B_perp.mT @ B_perp, A @ A.mT) + _inner(X, X)  # ||B_perp A||² = <B_perpᵀB_perp, AAᵀ>
-    return C, X, Y, dWT_sq
+    B_perp, A_perp = B - U_g @ P, A - Q @ U_a.mT  # (.., d_out, r), (.., r, d_in): outside span(U_g), span(U_a)
+    dWT_sq = s**2 * (_inner(B_perp.mT @ B_perp, A @ A.mT) + _inner(P.mT @ P, A_perp @ A_perp.mT))
+    return C, P, Q, B_perp, A_perp, dWT_sq
 
 
 def dense_split(A, B, s, U_g, U_a):
@@ -627,6 +627,7 @@ def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: flo
         E_geo = ½ (||ΔW_Aᵀ ΔW_T||² + ||ΔW_A ΔW_Tᵀ||²) / (||ΔW_A||² ||ΔW_T||² + ε)
               = ½ (||Cᵀ X||² + ||C Yᵀ||²) / (||C||² ||ΔW_T||² + ε),  as ΔW_Aᵀ ΔW_T = U_a Cᵀ X
                                                                          and ΔW_A ΔW_Tᵀ = U_g C Yᵀ
+              (X = s·P A⊥ and Y = s·B⊥ Q of lora_split, never formed)
         E_rm  = e_rm, whose (d_out, d_in) matrices live only inside it
         cos_literal = <ΔW_A, ΔW_T>² / (||ΔW_A||² ||ΔW_T||² + ε), no grad, must stay ~0.
 
@@ -639,11 +640,13 @@ def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: flo
     with torch.autocast(A.device.type, enabled=False):
         A, B = _f32(A), _f32(B)
         U_g, g, U_a, a = (t.to(A.device, A.dtype) for t in (U_g, g, U_a, a))
-        C, X, Y, dWT_sq = lora_split(A, B, s, U_g, U_a)
+        C, P, Q, B_perp, A_perp, dWT_sq = lora_split(A, B, s, U_g, U_a)
         dWA_sq = _inner(C, C)
         R_A = 0.5 * _inner(g[..., :, None] * a[..., None, :], C.pow(2))
-        CtX, CYt = C.mT @ X, C @ Y.mT  # (.., k_a, d_in), (.., k_g, d_out)
-        E_geo = 0.5 * (_inner(CtX, CtX) + _inner(CYt, CYt)) / (dWA_sq * dWT_sq + eps)
+        # ||CᵀX||² = s²<(PᵀC)(PᵀC)ᵀ, A⊥A⊥ᵀ>, ||CYᵀ||² = s²<(QCᵀ)(QCᵀ)ᵀ, B⊥ᵀB⊥>: r x r Gram matrices
+        PC, QC = P.mT @ C, Q @ C.mT  # (.., r, k_a), (.., r, k_g)
+        geo = _inner(PC @ PC.mT, A_perp @ A_perp.mT) + _inner(QC @ QC.mT, B_perp.mT @ B_perp)
+        E_geo = 0.5 * s**2 * geo / (dWA_sq * dWT_sq + eps)
         with_grad = rm_grad and torch.is_grad_enabled()
         if A.dim() == 2 or rm_modules is None:
             E_rm = rm_fn(A, B, s, U_g, U_a, beta, eps, with_grad=with_grad)

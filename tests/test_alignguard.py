@@ -342,7 +342,8 @@ def test_factored_split_and_terms_equal_dense_versions():
     dW = s * B @ A
     ref, dW_A, dW_T = dense_terms(dW, fb.U_g, fb.g, fb.U_a, fb.a, beta=2.0, eps=0.0)
 
-    C, X, Y, dWT_sq = lora_split(A, B, s, fb.U_g, fb.U_a)
+    C, P, Q, B_perp, A_perp, dWT_sq = lora_split(A, B, s, fb.U_g, fb.U_a)
+    X, Y = s * P @ A_perp, s * B_perp @ Q
     torch.testing.assert_close(C, fb.U_g.T @ dW @ fb.U_a)
     torch.testing.assert_close(X, fb.U_g.T @ dW_T)
     torch.testing.assert_close(Y, dW_T @ fb.U_a)
@@ -353,7 +354,8 @@ def test_factored_split_and_terms_equal_dense_versions():
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(ours[1] + ours[2], dW)
     torch.testing.assert_close(fb.U_g @ fb.U_g.T @ dW_A @ fb.U_a @ fb.U_a.T, dW_A)  # P(P ΔW) = P ΔW
-    C2, X2, Y2, sq2 = lora_split(fb.U_a.T, fb.U_g @ C, 1.0, fb.U_g, fb.U_a)  # split ΔW_A again, as a LoRA
+    C2, P2, Q2, B2, A2, sq2 = lora_split(fb.U_a.T, fb.U_g @ C, 1.0, fb.U_g, fb.U_a)  # split ΔW_A again, as a LoRA
+    X2, Y2 = P2 @ A2, B2 @ Q2
     torch.testing.assert_close(C2, C)
     assert max(X2.abs().max(), Y2.abs().max(), sq2.abs()) < 1e-12, "the split of ΔW_A is not ΔW_A itself"
 
