@@ -69,7 +69,7 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**22  # most ΔW entries E_rm materialises at once (4 fp32 buffers, 64 MB); of 2^18..2^24, 2^22 was fastest
+    rm_chunk: int = 2**22  # most ΔW entries E_rm materialises at once (5 fp32 buffers, 80 MB); of 2^18..2^24, 2^22 was fastest
     compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~40 s of compiling, then ~20% less penalty time on CPU
 
     def __post_init__(self):
@@ -569,8 +569,9 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
         ∂E/∂B = s·∂E/∂ΔW Aᵀ,   ∂E/∂A = s·Bᵀ ∂E/∂ΔW.
 
     With P_g = U_g U_gᵀ, P_a = U_a U_aᵀ: ΔW_A = s·(P_g B)(A P_a) and U_g K U_aᵀ = P_g (G_A − G_T) P_a, so
-    every dense product has inner size r (or produces r rows or columns): the cost does not grow with k.
-    S ΔW_A = copysign(ΔW_A, ΔW_T) and S ΔW_T = copysign(ΔW_T, ΔW_A), so S itself is never formed, and
+    every dense product has inner size r or 2r (or produces 2r rows or columns): the cost does not grow with k.
+    As ρ > 0, ρ S ΔW_A = copysign(ρ ΔW_A, ΔW_T) and ρ S ΔW_T = copysign(ρ ΔW_T, ΔW_A), so S itself is never
+    formed; ρ X = X + β·sigmoid(..)·X is one addcmul, so ρ is never formed either; and
     τ² = s²<BᵀB, AAᵀ>/(d_out d_in) comes from the factors.
 
     Autograd keeps only these (d_out, r) and (r, d_in) gradients: the memory saved for backward does not
@@ -578,31 +579,34 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
     """
     with torch.no_grad():
-        # Four (.., d_out, d_in) buffers, every later operation in place or into one of them: on a CPU a
-        # fresh matrix per operation costs more than its arithmetic (the SmolLM2-shape penalty: 1129 ms with
-        # out-of-place products and 2^18-entry chunks, 863 ms like this with 2^22).
+        # Five (.., d_out, d_in) buffers, each written by one operation and then changed in place: every pass
+        # over them is memory traffic, which is what E_rm costs on a CPU (about 37 reads and writes per entry;
+        # the previous form made 54, 20% more penalty time at the SmolLM2 shape).
         # ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a) has rank ≤ r: formed with inner size r, not k.
         B_A, A_A = U_g @ (U_g.mT @ B), (A @ U_a) @ U_a.mT  # P_g B (.., d_out, r), A P_a (.., r, d_in)
-        dW_A = (s * B_A) @ A_A
-        rho = (s * B) @ A                                   # ΔW, then ρ in place
-        dW_T = rho - dW_A
         n = B.shape[-2] * A.shape[-1]
         tau = abs(s) * (_inner(B.mT @ B, A @ A.mT).clamp_min(0) / n).sqrt()  # RMS(ΔW) = ||ΔW|| / √(d_out d_in)
         tau = tau.clamp_min(torch.finfo(A.dtype).tiny)[..., None, None]
-        rho.abs_().div_(tau).sub_(1).sigmoid_().mul_(beta).add_(1)  # 1 + β·sigmoid((|ΔW| − τ)/τ)
-        q = torch.mul(dW_A, dW_A).addcmul_(dW_T, dW_T)      # ΔW_A² + ΔW_T²
-        D = 0.5 * _dots(rho, q) + eps
-        E = _dots(rho, torch.mul(dW_A, dW_T, out=q).abs_()) / D
+        BB, AA = torch.cat([B, B_A], -1), torch.cat([A, A_A], -2)  # [B, P_g B] (.., d_out, 2r), [A; A P_a] (.., 2r, d_in)
+        dW_A = (s * B_A) @ A_A
+        dW_T = torch.cat([s * B, -s * B_A], -1) @ AA           # s·(B A − P_g B A P_a), inner size 2r
+        sig = ((s * B) / tau) @ A                              # ΔW / τ (0 at B = 0), then sigmoid(|ΔW|/τ − 1): ρ = 1 + β·sig
+        sig.abs_().sub_(1).sigmoid_()
+        rA = torch.addcmul(dW_A, sig, dW_A, value=beta)        # ρ ΔW_A
+        rT = torch.addcmul(dW_T, sig, dW_T, value=beta)        # ρ ΔW_T
+        D = 0.5 * (_dots(rA, dW_A) + _dots(rT, dW_T)) + eps
+        G_T = torch.copysign(rA, dW_T, out=sig)                # ρ S ΔW_A  (ρ > 0)
+        E = _dots(G_T, dW_T) / D                               # Σ ρ |ΔW_A ΔW_T| = <ρ S ΔW_A, ΔW_T>
         if not with_grad:
             return E
         E_ = -E[..., None, None]  # (.., 1, 1) to broadcast
-        G_T = torch.copysign(dW_A, dW_T, out=q).addcmul_(dW_T, E_).mul_(rho)     # D·G_T = ρ (S ΔW_A − E ΔW_T)
-        G_A = torch.copysign(dW_T, dW_A, out=dW_T).addcmul_(dW_A, E_).mul_(rho)  # D·G_A = ρ (S ΔW_T − E ΔW_A)
+        G_T.addcmul_(rT, E_)                                   # D·G_T = ρ (S ΔW_A − E ΔW_T)
+        G_A = torch.copysign(rT, dW_A, out=rT).addcmul_(rA, E_)  # D·G_A = ρ (S ΔW_T − E ΔW_A)
         # ∂E/∂B = s (G_T Aᵀ + P_g (G_A − G_T)(A P_a)ᵀ), ∂E/∂A = s (Bᵀ G_T + (P_g B)ᵀ (G_A − G_T) P_a):
         # G_T is read once per side, against A and A P_a (B and P_g B) side by side
         r, c = A.shape[-2], (s / D)[..., None, None]
-        GT_A = G_T @ torch.cat([A, A_A], -2).mT    # (.., d_out, 2r): G_T Aᵀ | G_T (A P_a)ᵀ
-        GT_B = torch.cat([B, B_A], -1).mT @ G_T    # (.., 2r, d_in): Bᵀ G_T over (P_g B)ᵀ G_T
+        GT_A = G_T @ AA.mT    # (.., d_out, 2r): G_T Aᵀ | G_T (A P_a)ᵀ
+        GT_B = BB.mT @ G_T    # (.., 2r, d_in): Bᵀ G_T over (P_g B)ᵀ G_T
         grad_B = c * (GT_A[..., :r] + U_g @ (U_g.mT @ (G_A @ A_A.mT - GT_A[..., r:])))
         grad_A = c * (GT_B[..., :r, :] + ((B_A.mT @ G_A - GT_B[..., r:, :]) @ U_a) @ U_a.mT)
     # B − B.detach() is zero with derivative 1: the value stays E, the gradient becomes (grad_A, grad_B)
