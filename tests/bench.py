@@ -6,7 +6,7 @@ repetitions after warm-up; every ratio is ours / theirs.
     python tests/bench.py --shape smollm --json bench.json      # SmolLM2-135M shape, fp32 and bf16
     python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh  # Llama-3.2-1B shape, MFU on a GPU
     python tests/bench.py --shape small --dtype fp32 --profile  # + torch.profiler table of our step
-    python tests/bench.py --scaling                             # ours: step vs T and r, AlignGuard vs width
+    python tests/bench.py --scaling                             # ours: step vs T and r, AlignGuard vs width and grad-accum
 
 What is measured, per shape and dtype (fp32, or bf16: base weights in bf16 under autocast, LoRA in fp32,
 as train.py --dtype bf16 does):
@@ -288,10 +288,11 @@ def build_step(task: dict, stack: str):
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(penalty=None):
-        with autocast:
-            loss = normalised_loss(loss_sum(), n_tokens)
-        loss.backward()
-        if penalty is not None:  # as train.py: the penalty's own backward, in fp32 outside autocast
+        for _ in range(task.get("accum", 1)):  # train.py --grad-accum: micro-batches (here the same one) per step
+            with autocast:
+                loss = normalised_loss(loss_sum(), n_tokens * task.get("accum", 1))
+            loss.backward()
+        if penalty is not None:  # as train.py: once per optimizer step, its own backward, in fp32 outside autocast
             penalty()[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -529,7 +530,8 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
 
 def scaling(args, base: dict):
     """README's scaling tables, our stack only (all-linear LoRA, fp32, the small shape): step time and
-    peak memory against sequence length T and rank r; the AlignGuard step's overhead against width C."""
+    peak memory against sequence length T and rank r; the AlignGuard step's overhead against width C and
+    against the micro-batches of one optimizer step (the penalty is a cost per optimizer step, not per token)."""
     print("\n## step time and peak memory of our LoRA step (all-linear, fp32, small shape, B=4)")
     print("| T | r | step ms | tokens/s | peak MiB |\n|---|---|---|---|---|")
     for T in (128, 256, 512):
@@ -549,6 +551,14 @@ def scaling(args, base: dict):
         if c:
             plain, ag = med(c["ag_plain_step_s"]), med(c["ag_step_s"])
             print(f"| {C} | {n / 1e6:.1f}M | {1e3 * plain:.0f} | {1e3 * ag:.0f} | {100 * (ag / plain - 1):+.1f}% |")
+    print("\n## AlignGuard step over the plain step against tokens per optimizer step (small shape, all-linear, r=8, k=32):"
+          "\n## the penalty is computed once per optimizer step, however many micro-batches (--grad-accum) it sums")
+    print("| micro-batches of 4 x 256 | tokens per step | plain ms | AlignGuard ms | overhead |\n|---|---|---|---|---|")
+    for k in (1, 2, 4):
+        c = run_worker({**base, "kind": "train", "stack": "ours", "targets": "all-linear", "accum": k, "no_eigh": True})
+        if c:
+            plain, ag = med(c["ag_plain_step_s"]), med(c["ag_step_s"])
+            print(f"| {k} | {k * base['batch'] * base['seq']:,} | {1e3 * plain:.0f} | {1e3 * ag:.0f} | {100 * (ag / plain - 1):+.1f}% |")
 
 
 def main(argv=None):
@@ -568,7 +578,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our all-linear LoRA step")
     p.add_argument("--json", default="", help="write every raw timing and memory figure to this file")
     p.add_argument("--scaling", action="store_true", help="our step against T and r, AlignGuard overhead against "
-                   "width (the README's scaling tables), instead of the comparison")
+                   "width and micro-batches per step (the README's scaling tables), instead of the comparison")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one measurement, JSON task
     args = p.parse_args(argv)
     if args.worker:
