@@ -16,8 +16,11 @@ as train.py --dtype bf16 does):
     model(input_ids, use_cache=False).logits and the same loss. The tokens/s ratio comes from one process
     holding both stacks, their steps alternating within every repetition (so a busy neighbour slows both
     alike); each (stack, targets, dtype) also runs alone in its own subprocess for its memory, the peak over
-    all its plain steps: on CPU the RSS high-water mark above the RSS after setup (malloc_trim, then a reset
-    through /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated above the allocation after setup;
+    its warm-up steps and two more: on CPU the RSS high-water mark above the RSS after setup (malloc_trim,
+    then a reset through /proc/self/clear_refs) in a process where every allocation of 64 KiB or more is
+    mapped on its own (MALLOC_MMAP_THRESHOLD_=65536), so freed memory leaves at once and the peak is that of
+    live tensors, the same in every run; on CUDA torch.cuda.max_memory_allocated above the allocation after
+    setup;
   - the AlignGuard step (plain step + alignguard.penalties, random orthonormal Fisher basis, k = 32 per
     module, all-linear, r = 8) against our plain step: overhead; goal <= 10%;
   - alignguard.estimate_fisher on one batch against one plain step (goal <= 2x), split into the per-batch
@@ -312,6 +315,19 @@ def measure_pair(task: dict) -> dict:
     return {"ours_s": t["ours"], "theirs_s": t["theirs"]}
 
 
+def measure_memory(task: dict) -> dict:
+    """Peak memory of one stack's plain LoRA step, alone in its process: the high-water mark over the warm-up
+    steps and two more. On a CPU train_cell runs it with every allocation of 64 KiB or more mapped on its own
+    (MALLOC_MMAP_THRESHOLD_), so that freed memory goes back to the OS at once and the resident peak is the
+    peak of live tensors: with glibc's default heap the same step read 222-251 MiB in three runs, like this
+    154 MiB in each."""
+    model, step, *_ = build_step(task, task["stack"])
+    baseline = memory_reset(task["device"])
+    for _ in range(task["warmup"] + 2):
+        step()
+    return {"peak_bytes": memory_peak(task["device"]) - baseline}
+
+
 def measure_train(task: dict) -> dict:
     """One stack, one target set, one dtype, alone in its process: LoRA step time and peak memory; for ours with
     all-linear targets also the AlignGuard step and the Fisher estimation, interleaved with the plain step."""
@@ -416,14 +432,15 @@ def measure_profile(task: dict) -> dict:
     return {"table": prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=55)}
 
 
-WORKERS = {"train": measure_train, "pair": measure_pair, "generate": measure_generate, "profile": measure_profile}
+WORKERS = {"train": measure_train, "memory": measure_memory, "pair": measure_pair, "generate": measure_generate, "profile": measure_profile}
 
 
-def run_worker(task: dict) -> dict | None:
+def run_worker(task: dict, env: dict | None = None) -> dict | None:
     """Runs one measurement in a fresh Python process (its own memory high-water mark, no state left by
-    another stack); returns its result, or None after printing why it failed."""
+    another stack), with `env` added to its environment; returns its result, or None after printing why it
+    failed."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -431,6 +448,19 @@ def run_worker(task: dict) -> dict | None:
               f"(exit {proc.returncode}):\n{tail}", file=sys.stderr)
         return None
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def train_cell(task: dict) -> dict | None:
+    """measure_train's results for one (stack, targets), its peak_bytes from measure_memory in a process of
+    its own. On a CPU that process maps each large allocation on its own, so the peak does not depend on
+    what glibc's heap happens to keep (the default heap's figure, from measure_train, stays as rss_peak_bytes)."""
+    out = run_worker({**task, "kind": "train"})
+    if out is None or task["device"] != "cpu":
+        return out
+    mem = run_worker({**task, "kind": "memory"}, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    if mem is not None:
+        out.update(rss_peak_bytes=out["peak_bytes"], peak_bytes=mem["peak_bytes"])
+    return out
 
 
 def worker_main(task: dict):
@@ -536,8 +566,7 @@ def scaling(args, base: dict):
     print("| T | r | step ms | tokens/s | peak MiB |\n|---|---|---|---|---|")
     for T in (128, 256, 512):
         for r in (8, 32):
-            c = run_worker({**base, "kind": "train", "stack": "ours", "targets": "all-linear", "seq": T, "rank": r,
-                            "no_eigh": True})
+            c = train_cell({**base, "stack": "ours", "targets": "all-linear", "seq": T, "rank": r, "no_eigh": True})
             if c:
                 t = med(c["step_s"])
                 print(f"| {T} | {r} | {1e3 * t:.0f} | {base['batch'] * T / t:,.0f} | {c['peak_bytes'] / 2**20:.0f} |")
@@ -624,12 +653,12 @@ def main(argv=None):
             cells = {}
             for tname in TARGETS:
                 for stack in ("ours", "theirs") if missing is None else ("ours",):
-                    cells[(stack, tname)] = run_worker({**base, "kind": "train", "stack": stack, "targets": tname})
+                    cells[(stack, tname)] = train_cell({**base, "stack": stack, "targets": tname})
                 if missing is None:  # the tokens/s ratio: both stacks interleaved in one process
                     cells[("pair", tname)] = run_worker({**base, "kind": "pair", "stack": "pair", "targets": tname})
             # ours with activation checkpointing (train.py --grad-checkpoint), against theirs without
-            cells[("ours-ckpt", "all-linear")] = run_worker({**base, "kind": "train", "stack": "ours",
-                                                             "targets": "all-linear", "grad_checkpoint": True})
+            cells[("ours-ckpt", "all-linear")] = train_cell({**base, "stack": "ours", "targets": "all-linear",
+                                                             "grad_checkpoint": True})
             gen = run_worker({**base, "kind": "generate"}) if missing is None else None
             report(shape_name, dtype, args.device, cells, gen, peaks[dtype], B, T)
             results["runs"].append({**base, "cells": {f"{s}/{t}": v for (s, t), v in cells.items()}, "generate": gen})
