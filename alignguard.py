@@ -69,8 +69,9 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**21  # most ΔW entries E_rm materialises at once (5 fp32 buffers, 40 MB): of 2^20..2^22 the fastest on both bench shapes
-    compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~40 s of compiling, then ~20% less penalty time on CPU
+    rm_chunk: int = 2**21  # most ΔW entries E_rm materialises at once (5 fp32 buffers, 40 MiB): faster than 2^20 and 2^22 at
+    #                        the SmolLM2 shape, than 2^22 on the small one (where 2^20 was fastest)
+    compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~55 s of compiling, then ~20% less penalty time on CPU
 
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):
@@ -559,9 +560,10 @@ def _dots(X, Y):
 def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     """E_rm = Σ_ij ρ_ij |ΔW_A,ij ΔW_T,ij| / D,  D = Σ_ij ρ_ij (ΔW_A,ij² + ΔW_T,ij²)/2 + ε,  in [0, 1],
     ρ_ij = 1 + β·sigmoid((|ΔW_ij| − τ)/τ), τ = RMS(ΔW): large coordinates weigh more; ρ is a constant
-    weight. ε: at B = 0 the ratio is 0/0.
+    weight. ε: at B = 0 the ratio is 0/0. Needs β ≥ 0 (AlignGuardConfig checks it), so that ρ > 0.
 
-    Value and gradient come from one pass over the (d_out, d_in) matrices, outside autograd. With
+    Value and gradient come from one sweep over the (d_out, d_in) matrices (no backward pass over them),
+    outside autograd. With
     S = sign(ΔW_A ⊙ ΔW_T) and ΔW_A = U_g U_gᵀ ΔW U_a U_aᵀ (a projection, self-adjoint):
 
         G_T = ∂E/∂ΔW_T = ρ (S ΔW_A − E ΔW_T) / D,   G_A = ∂E/∂ΔW_A = ρ (S ΔW_T − E ΔW_A) / D,
@@ -578,10 +580,12 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     grow with the number of modules, and backward recomputes nothing (activation checkpointing would
     rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
     """
+    if beta < 0:
+        raise ValueError(f"e_rm needs beta >= 0 (rho = 1 + beta * sigmoid(..) > 0), got {beta}")
     with torch.no_grad():
-        # Five (.., d_out, d_in) buffers, each written by one operation and then changed in place: every pass
-        # over them is memory traffic, which is what E_rm costs on a CPU (about 37 reads and writes per entry;
-        # the previous form made 54, 20% more penalty time at the SmolLM2 shape).
+        # Five (.., d_out, d_in) buffers, no other dense temporary: every pass over them is memory traffic,
+        # which is what E_rm costs on a CPU. 37 reads and writes per entry; the form before this one made 53.
+        # (The AlignGuard step's overhead at the SmolLM2 shape, interleaved A/B: +21.2% -> +17.1%.)
         # ΔW_A = U_g C U_aᵀ = s·(P_g B)(A P_a) has rank ≤ r: formed with inner size r, not k.
         B_A, A_A = U_g @ (U_g.mT @ B), (A @ U_a) @ U_a.mT  # P_g B (.., d_out, r), A P_a (.., r, d_in)
         n = B.shape[-2] * A.shape[-1]
@@ -617,8 +621,8 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
 def compiled_e_rm():
     """e_rm through torch.compile with dynamic shapes: its elementwise passes over the (d_out, d_in)
     matrices fused into a few, compiled for a handful of graphs rather than for every module shape. Measured
-    on CPU, the whole penalty of the SmolLM2 shape (all-linear, k = 32): 41 s of compiling in a fresh process
-    with an empty inductor cache (3 graphs), then 685 ms a step against 871 ms eager."""
+    on CPU, the whole penalty of the SmolLM2 shape (all-linear, k = 32): 55 s of compiling in a fresh process
+    with an empty inductor cache, then 525 ms a step against 669 ms eager."""
     return torch.compile(e_rm, dynamic=True)
 
 

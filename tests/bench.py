@@ -16,11 +16,11 @@ as train.py --dtype bf16 does):
     model(input_ids, use_cache=False).logits and the same loss. The tokens/s ratio comes from one process
     holding both stacks, their steps alternating within every repetition (so a busy neighbour slows both
     alike); each (stack, targets, dtype) also runs alone in its own subprocess for its memory, the peak over
-    its warm-up steps and two more: on CPU the RSS high-water mark above the RSS after setup (malloc_trim,
-    then a reset through /proc/self/clear_refs) in a process where every allocation of 64 KiB or more is
-    mapped on its own (MALLOC_MMAP_THRESHOLD_=65536), so freed memory leaves at once and the peak is that of
-    live tensors, the same in every run; on CUDA torch.cuda.max_memory_allocated above the allocation after
-    setup;
+    its steps: on CPU the RSS high-water mark above the RSS after setup (malloc_trim, then a reset through
+    /proc/self/clear_refs) over the warm-up steps and two more, in a process where every allocation of
+    64 KiB or more is mapped on its own (MALLOC_MMAP_THRESHOLD_=65536), so freed memory leaves at once and
+    the peak is that of live allocations, the same in every run; on CUDA torch.cuda.max_memory_allocated
+    above the allocation after setup, over all the plain steps of measure_train;
   - the AlignGuard step (plain step + alignguard.penalties, random orthonormal Fisher basis, k = 32 per
     module, all-linear, r = 8) against our plain step: overhead; goal <= 10%;
   - alignguard.estimate_fisher on one batch against one plain step (goal <= 2x), split into the per-batch
@@ -319,8 +319,8 @@ def measure_memory(task: dict) -> dict:
     """Peak memory of one stack's plain LoRA step, alone in its process: the high-water mark over the warm-up
     steps and two more. On a CPU train_cell runs it with every allocation of 64 KiB or more mapped on its own
     (MALLOC_MMAP_THRESHOLD_), so that freed memory goes back to the OS at once and the resident peak is the
-    peak of live tensors: with glibc's default heap the same step read 222-251 MiB in three runs, like this
-    154 MiB in each."""
+    peak of live allocations: with glibc's default heap the same step (small, q,k,v,o, bf16) read 212-251 MiB
+    in five runs, like this 154 MiB in each."""
     model, step, *_ = build_step(task, task["stack"])
     baseline = memory_reset(task["device"])
     for _ in range(task["warmup"] + 2):
@@ -458,8 +458,8 @@ def train_cell(task: dict) -> dict | None:
     if out is None or task["device"] != "cpu":
         return out
     mem = run_worker({**task, "kind": "memory"}, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
-    if mem is not None:
-        out.update(rss_peak_bytes=out["peak_bytes"], peak_bytes=mem["peak_bytes"])
+    # None when that worker failed: the report says so rather than set one method's peak against the other's
+    out.update(rss_peak_bytes=out["peak_bytes"], peak_bytes=mem["peak_bytes"] if mem else None)
     return out
 
 
@@ -492,6 +492,14 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
         rows.append((name, ours, theirs, ratio, goal))
 
     mib = 1 / 2**20
+
+    def memory_row(name, o, t):  # peak_bytes is None where the memory worker failed
+        a, b = o["peak_bytes"], t["peak_bytes"] if t else None
+        if a is None or b is None:
+            row(name, "failed" if a is None else f"{a * mib:,.0f}", "-" if t is None else "failed" if b is None
+                else f"{b * mib:,.0f}", "", "")
+        else:
+            row(name, f"{a * mib:,.0f}", f"{b * mib:,.0f}", f"{a / b:.2f}x", verdict(a / b, GOALS["memory"], False))
     for tname in TARGETS:
         o, t, pair = cells.get(("ours", tname)), cells.get(("theirs", tname)), cells.get(("pair", tname))
         if o is None:
@@ -506,13 +514,12 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
                 verdict(tok_po / tok_pt, GOALS["train"], True))
             if pair is not None:
                 row("  each alone in its process", f"{tok_o:,.0f}", f"{tok_t:,.0f}", f"{tok_o / tok_t:.2f}x", "")
-            row(f"LoRA step {tname}: peak MiB", f"{o['peak_bytes'] * mib:,.0f}", f"{t['peak_bytes'] * mib:,.0f}",
-                f"{o['peak_bytes'] / t['peak_bytes']:.2f}x", verdict(o["peak_bytes"] / t["peak_bytes"], GOALS["memory"], False))
+            memory_row(f"LoRA step {tname}: peak MiB", o, t)
             if o["n_trainable"] != t["n_trainable"]:
                 row(f"  !! trainable parameters differ", f"{o['n_trainable']:,}", f"{t['n_trainable']:,}", "", "")
         else:
             row(f"LoRA step {tname}: tokens/s", f"{tok_o:,.0f}", "-", "", "")
-            row(f"LoRA step {tname}: peak MiB", f"{o['peak_bytes'] * mib:,.0f}", "-", "", "")
+            memory_row(f"LoRA step {tname}: peak MiB", o, None)
         flops = train_flops(shape.model, TARGETS[tname], 8, B, T) / med(o["step_s"])
         row(f"LoRA step {tname}: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
 
@@ -520,8 +527,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
     if c is not None and t is not None:  # ours with --grad-checkpoint against theirs without, each alone
         tok_c, tok_t = B * T / med(c["step_s"]), B * T / med(t["step_s"])
         row("  with --grad-checkpoint: tokens/s", f"{tok_c:,.0f}", f"{tok_t:,.0f}", f"{tok_c / tok_t:.2f}x", "")
-        row("  with --grad-checkpoint: peak MiB", f"{c['peak_bytes'] * mib:,.0f}", f"{t['peak_bytes'] * mib:,.0f}",
-            f"{c['peak_bytes'] / t['peak_bytes']:.2f}x", verdict(c["peak_bytes"] / t["peak_bytes"], GOALS["memory"], False))
+        memory_row("  with --grad-checkpoint: peak MiB", c, t)
     o = cells.get(("ours", "all-linear"))
     if o is not None and "ag_step_s" in o:
         plain, ag = med(o["ag_plain_step_s"]), med(o["ag_step_s"])
@@ -569,7 +575,8 @@ def scaling(args, base: dict):
             c = train_cell({**base, "stack": "ours", "targets": "all-linear", "seq": T, "rank": r, "no_eigh": True})
             if c:
                 t = med(c["step_s"])
-                print(f"| {T} | {r} | {1e3 * t:.0f} | {base['batch'] * T / t:,.0f} | {c['peak_bytes'] / 2**20:.0f} |")
+                peak = "failed" if c["peak_bytes"] is None else f"{c['peak_bytes'] / 2**20:.0f}"
+                print(f"| {T} | {r} | {1e3 * t:.0f} | {base['batch'] * T / t:,.0f} | {peak} |")
     print("\n## AlignGuard step over the plain step against width C (all-linear, r=8, k=32, 8 layers, B=4, T=256)")
     print("| C | parameters | plain ms | AlignGuard ms | overhead |\n|---|---|---|---|---|")
     for C in (128, 256, 512, 1024):
