@@ -430,6 +430,31 @@ def test_e_rm_of_a_stack_equals_each_module_by_autograd(s):
         torch.testing.assert_close(g, want)
 
 
+def test_e_rm_of_a_module_at_b_zero_inside_a_stack():
+    """A module still at B = 0 (its first step) inside a stack: E_rm = 0 with a finite gradient for it, and
+    the other modules get the values and gradients they get without it; β < 0 is refused. fp32 and s = 4:
+    s / τ at τ = finfo.tiny overflows there, so the code must divide s·B by τ, not multiply B by s / τ."""
+    torch.manual_seed(4)
+    L, d_out, d_in, r, s = 3, 6, 8, 2, 4.0
+    A = torch.randn(L, r, d_in)
+    B = torch.randn(L, d_out, r)
+    B[1] = 0
+    U_g = torch.stack([orthonormal(d_out, 3, i).float() for i in range(L)])
+    U_a = torch.stack([orthonormal(d_in, 2, 10 + i).float() for i in range(L)])
+    A.requires_grad_(), B.requires_grad_()
+    E = e_rm(A, B, s, U_g, U_a, 1.0, eps=1e-8)
+    gA, gB = torch.autograd.grad(E.sum(), (A, B))
+    assert E[1] == 0 and torch.isfinite(gA).all() and torch.isfinite(gB).all()
+    keep = [0, 2]
+    E2 = e_rm(A[keep], B[keep], s, U_g[keep], U_a[keep], 1.0, eps=1e-8)
+    gA2, gB2 = torch.autograd.grad(E2.sum(), (A, B))
+    torch.testing.assert_close(E[keep], E2)
+    torch.testing.assert_close(gA[keep], gA2[keep])
+    torch.testing.assert_close(gB[keep], gB2[keep])
+    with pytest.raises(ValueError, match="beta"):
+        e_rm(A, B, s, U_g, U_a, -0.5, eps=1e-8)
+
+
 def lora_stack(shapes, r=4, k=4):
     """A Sequential of bias-free Linear layers (d_in, d_out), LoRA on all, B != 0, a random basis each."""
     torch.manual_seed(0)
