@@ -604,7 +604,7 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
         n = B.shape[-2] * A.shape[-1]
         tau = abs(s) * (_inner(B.mT @ B, A @ A.mT).clamp_min(0) / n).sqrt()  # RMS(ΔW) = ||ΔW|| / √(d_out d_in)
         tau = tau.clamp_min(torch.finfo(A.dtype).tiny)[..., None, None]
-        BB, AA = torch.cat([B, B_A], -1), torch.cat([A, A_A], -2)  # [B, P_g B] (.., d_out, 2r), [A; A P_a] (.., 2r, d_in)
+        AA = torch.cat([A, A_A], -2)                           # [A; A P_a] (.., 2r, d_in)
         dW_A = (s * B_A) @ A_A
         dW_T = torch.cat([s * B, -s * B_A], -1) @ AA           # s·(B A − P_g B A P_a), inner size 2r
         sig = ((s * B) / tau) @ A                              # ΔW / τ (0 at B = 0), then sigmoid(|ΔW|/τ − 1): ρ = 1 + β·sig
@@ -622,8 +622,8 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
         # ∂E/∂B = s (G_T Aᵀ + P_g (G_A − G_T)(A P_a)ᵀ), ∂E/∂A = s (Bᵀ G_T + (P_g B)ᵀ (G_A − G_T) P_a):
         # G_T is read once per side, against A and A P_a (B and P_g B) side by side
         r, c = A.shape[-2], (s / D)[..., None, None]
-        GT_A = G_T @ AA.mT    # (.., d_out, 2r): G_T Aᵀ | G_T (A P_a)ᵀ
-        GT_B = BB.mT @ G_T    # (.., 2r, d_in): Bᵀ G_T over (P_g B)ᵀ G_T
+        GT_A = G_T @ AA.mT                                # (.., d_out, 2r): G_T Aᵀ | G_T (A P_a)ᵀ
+        GT_B = torch.cat([B, B_A], -1).mT @ G_T           # (.., 2r, d_in): Bᵀ G_T over (P_g B)ᵀ G_T
         grad_B = c * (GT_A[..., :r] + U_g @ (U_g.mT @ (G_A @ A_A.mT - GT_A[..., r:])))
         grad_A = c * (GT_B[..., :r, :] + ((B_A.mT @ G_A - GT_B[..., r:, :]) @ U_a) @ U_a.mT)
     # B − B.detach() is zero with derivative 1: the value stays E, the gradient becomes (grad_A, grad_B)

@@ -290,10 +290,12 @@ def build_step(task: dict, stack: str):
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
 
+    accum = task.get("accum", 1)  # train.py --grad-accum: micro-batches (here the same one) per optimizer step
+
     def step(penalty=None):
-        for _ in range(task.get("accum", 1)):  # train.py --grad-accum: micro-batches (here the same one) per step
+        for _ in range(accum):
             with autocast:
-                loss = normalised_loss(loss_sum(), n_tokens * task.get("accum", 1))
+                loss = normalised_loss(loss_sum(), n_tokens * accum)
             loss.backward()
         if penalty is not None:  # as train.py: once per optimizer step, its own backward, in fp32 outside autocast
             penalty()[0].backward()
@@ -493,13 +495,13 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
 
     mib = 1 / 2**20
 
-    def memory_row(name, o, t):  # peak_bytes is None where the memory worker failed
-        a, b = o["peak_bytes"], t["peak_bytes"] if t else None
+    def memory_row(name, o, t):  # t None: ours only; peak_bytes None: that memory worker failed
+        a, b = o["peak_bytes"], None if t is None else t["peak_bytes"]
+        shown = lambda x: "failed" if x is None else f"{x * mib:,.0f}"  # noqa: E731
         if a is None or b is None:
-            row(name, "failed" if a is None else f"{a * mib:,.0f}", "-" if t is None else "failed" if b is None
-                else f"{b * mib:,.0f}", "", "")
+            row(name, shown(a), "-" if t is None else shown(b), "", "")
         else:
-            row(name, f"{a * mib:,.0f}", f"{b * mib:,.0f}", f"{a / b:.2f}x", verdict(a / b, GOALS["memory"], False))
+            row(name, shown(a), shown(b), f"{a / b:.2f}x", verdict(a / b, GOALS["memory"], False))
     for tname in TARGETS:
         o, t, pair = cells.get(("ours", tname)), cells.get(("theirs", tname)), cells.get(("pair", tname))
         if o is None:
