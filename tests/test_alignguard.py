@@ -159,6 +159,16 @@ def test_bf16_base_keeps_fp32_lora_weights():
     randomize_B(model)
     assert all(p.dtype == torch.float32 for p in lora_parameters(model))
     assert model(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # under bf16 autocast x is not cast to fp32 first (autocast casts it back for F.linear): bit for bit the same
+    m = lora_modules(model)["q_proj"]
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    out = []
+    for cast_first in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x) if not cast_first else F.linear(x, m.weight, m.bias) + F.linear(
+                m.lora_A(x.float()), m.scaling * m.lora_B.weight).to(torch.bfloat16)
+        out.append((y, *torch.autograd.grad(y.float().square().sum(), (m.lora_A.weight, m.lora_B.weight))))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
 def test_targets_are_exact_suffixes_and_add_lora_twice_errors():
