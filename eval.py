@@ -711,7 +711,7 @@ def parse_args(argv=None) -> EvalConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(EvalConfig):
-        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         elif isinstance(f.default, tuple):

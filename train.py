@@ -610,16 +610,16 @@ def add_dataclass_args(parser, cls, prefix=""):
     group = parser.add_argument_group(cls.__name__)
     for f in fields(cls):
         flag = "--" + (prefix + f.name).replace("_", "-")
-        default = f.default
+        default, h = f.default, helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=prefix + f.name,
-                               help=helps.get(f.name, ""))
+                               help=h)
         elif isinstance(default, (tuple, list)):
             group.add_argument(flag, nargs="+", default=list(default), dest=prefix + f.name,
-                               help=f"{helps.get(f.name, '')} (default: {' '.join(map(str, default))})")
+                               help=f"{h} (default: {' '.join(map(str, default))})")
         else:
             group.add_argument(flag, type=type(default), default=default, dest=prefix + f.name,
-                               help=f"{helps.get(f.name, '')} (default: {default})")
+                               help=f"{h} (default: {default})")
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, LoRAConfig, AlignGuardConfig]:

@@ -6,6 +6,7 @@ DRIFTCHECK scoring on the tiny checkpoint of conftest.py, and the report CLI."""
 import json
 import random
 from collections import Counter
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -393,6 +394,14 @@ def make_adapter(tiny_ckpt, out, cfg, method, seed):
             m.lora_B.weight.normal_(0, 0.3)
     save_adapter(model, out, str(tiny_ckpt), cfg, meta={"method": method})
     return out
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all("--" + f.name.replace("_", "-") in text for f in fields(ev.EvalConfig))
 
 
 def test_cli_writes_the_report_and_refuses_to_overwrite(tiny_ckpt, align_file, tmp_path, capsys):

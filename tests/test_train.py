@@ -1,12 +1,14 @@
 """train.py: schedule, loss normalisation, accumulation, resume, precision, processes, outputs and
 failures, on the tiny checkpoint of conftest.py."""
 
+import argparse
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,26 @@ def run(tiny_ckpt, task_file, align_file, out, *extra):
 
 def adapter(out):
     return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def test_help_lists_every_option(capsys):
+    """`python train.py --help` (README: it lists every option with its default): a '%' in a field's comment
+    once made argparse raise instead."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for cls, prefix in ((train.TrainConfig, ""), (LoRAConfig, "lora_"), (train.AlignGuardConfig, "")):
+        for f in fields(cls):
+            assert "--" + (prefix + f.name).replace("_", "-") in text, f.name
+    parser = argparse.ArgumentParser()
+    train.add_dataclass_args(parser, PercentOpts)
+    assert "50% by default (default: 0.5)" in parser.format_help()
+
+
+@dataclass
+class PercentOpts:
+    share: float = 0.5  # rows kept, 50% by default
 
 
 def test_get_lr_boundaries():
