@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (Llama, ModelConfig, generate, init_weights, load_model, rope_cos_sin, rope_inv_freq, save_model,
-                   swiglu)
+from model import (Llama, ModelConfig, apply_rope, generate, init_weights, load_model, rope_cos_sin, rope_inv_freq,
+                   save_model, swiglu)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -78,6 +78,24 @@ def test_rope_matches_numpy():
     ang = np.concatenate([ang, ang], axis=1)
     np.testing.assert_allclose(cos[0].numpy(), np.cos(ang), atol=1e-5)
     np.testing.assert_allclose(sin[0].numpy(), np.sin(ang), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_transformers_bit_for_bit(dtype):
+    """cos, sin and the rotation against transformers' LlamaRotaryEmbedding and apply_rotary_pos_emb, llama3
+    scaling: the same bits in fp32 and in bf16 (where both round cos and sin to bf16 and rotate in it)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    cfg = ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                      rope_scaling=LLAMA3_SCALING, max_position_embeddings=64)
+    g = torch.Generator().manual_seed(0)
+    pos = torch.arange(50)[None].expand(2, 50)
+    q, k = torch.randn(2, 4, 50, 16, generator=g).to(dtype), torch.randn(2, 2, 50, 16, generator=g).to(dtype)
+    cos_hf, sin_hf = LlamaRotaryEmbedding(transformers.LlamaConfig(**cfg.to_hf()))(q, pos)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos_hf, sin_hf)
+    cos, sin = (t.to(dtype) for t in rope_cos_sin(rope_inv_freq(cfg), pos))
+    assert torch.equal(cos, cos_hf) and torch.equal(sin, sin_hf)
+    assert torch.equal(apply_rope(q, cos, sin), q_hf) and torch.equal(apply_rope(k, cos, sin), k_hf)
 
 
 def tiny_model(seed=0, **kw):
