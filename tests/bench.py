@@ -196,7 +196,10 @@ def build_theirs(shape: Shape, dtype: torch.dtype, device: str, seed: int):
     assert hf.lm_head.weight is hf.model.embed_tokens.weight or not shape.model.tie_word_embeddings
     hf.generation_config.eos_token_id = None  # generation always runs to max_new_tokens
     hf.generation_config.pad_token_id = 0
-    return hf.to(device=device, dtype=dtype)
+    inv_freq = hf.model.rotary_emb.inv_freq.clone()
+    hf = hf.to(device=device, dtype=dtype)
+    hf.model.rotary_emb.inv_freq = inv_freq.to(device)  # fp32 RoPE frequencies, as from_pretrained(dtype=...) keeps them
+    return hf
 
 
 def random_basis(model, k: int, seed: int) -> dict[str, FisherBasis]:

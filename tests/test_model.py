@@ -56,6 +56,19 @@ def test_logits_match_transformers(tmp_path, name, form):
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_logits_equal_transformers_bit_for_bit(tmp_path, name):
+    """Both loaded in bf16 (transformers' from_pretrained keeps its RoPE frequencies in fp32, as ours are):
+    the same bits, every layer's arithmetic done as transformers does it."""
+    _, out = make_hf_model(tmp_path, name)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    ours = load_model(out, dtype=torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), hf(ids).logits)
+
+
 def test_rope_matches_numpy():
     cfg = ModelConfig(head_dim=16, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
     pos = torch.arange(50)[None]
