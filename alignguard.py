@@ -285,6 +285,15 @@ def default_forward(model: nn.Module, batch: dict) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _categorical(p: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per row of p (N, V), p ≥ 0, by the inverse of its CDF: y = the first index whose cumulative
+    mass exceeds u·Σp, u ~ U[0, 1), N random numbers. torch.multinomial draws an exponential per entry
+    instead, N·V of them: 0.1 s of a K-FAC batch at the small bench shape's 8k vocabulary (25% of it)."""
+    c = p.cumsum(-1)  # (N, V)
+    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device, dtype=p.dtype) * c[:, -1:]  # (N, 1)
+    return torch.searchsorted(c, u, right=True).clamp_max_(p.shape[-1] - 1).squeeze(1)
+
+
 def _log_likelihood(model, batch, forward, sample: bool, generator):
     """S = Σ_{t: labels_t ≠ -100} log p(ŷ_t | context), ŷ_t ~ p(· | context) if sample else labels_t.
     Returns (mask (B, T) of loss positions, S)."""
@@ -296,7 +305,7 @@ def _log_likelihood(model, batch, forward, sample: bool, generator):
     assert logits.shape[0] == int(mask.sum()), f"{logits.shape[0]} logit rows for {int(mask.sum())} loss positions"
     logp = F.log_softmax(_f32(logits), dim=-1)  # (N, V), fp32 so the sampling and the sum do not round
     if sample:  # the model's own predictions: the true Fisher, not the data's
-        y = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
+        y = _categorical(logp.detach().exp(), generator)
     else:
         y = batch["labels"][mask]
     return mask, logp.gather(1, y[:, None]).sum()
