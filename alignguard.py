@@ -120,9 +120,11 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
-        # A and B are fp32: x of a bf16 base is cast to them, but not under autocast, where F.linear casts x and A
-        # to bf16 itself and an fp32 copy of x would be cast straight back (bf16 LoRA step, small shape: 4-8% less time)
-        if not torch.is_autocast_enabled(x.device.type):
+        # A and B are fp32: x of a bf16 base is cast to them, but not under autocast without dropout, where F.linear
+        # casts x and A to bf16 itself and an fp32 copy of x would be cast straight back (bf16 LoRA step, small
+        # shape: 4-8% less time). Dropout does need fp32: in bf16 its 1/(1-p) would be rounded, a biased scale.
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        if dropout or not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)
         h = self.lora_A(self.lora_dropout(x))  # (.., r)
         # s·B h as (s·B) h: the scaling multiplies a (d_out, r) matrix, not the (.., d_out) output, and the sum
@@ -285,13 +287,33 @@ def default_forward(model: nn.Module, batch: dict) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _inverse_cdf(p: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """y (N,) = the first index whose cumulative mass exceeds u·Σp, for p (N, V) ≥ 0 and u (N,) in [0, 1).
+
+    Two levels, so that no long fp32 running sum rounds the small masses away: the masses of blocks of
+    `block` entries and their cumulative sum in fp64 pick the block, an fp64 cumulative sum inside it the
+    entry. A token of zero mass is never returned. Rows that are not finite or hold no mass are refused."""
+    N, V = p.shape
+    q = F.pad(p, (0, -V % block)).view(N, -1, block)  # (N, nb, block), zero mass after V
+    s = q.sum(-1, dtype=torch.float64)  # block masses (N, nb)
+    c = s.cumsum(-1)  # (N, nb)
+    total = c[:, -1:]  # (N, 1)
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        raise ValueError("cannot sample: a row of probabilities is not finite or sums to 0 (NaN or inf logits?)")
+    v = torch.minimum(u.to(torch.float64)[:, None] * total, total.nextafter(torch.zeros_like(total)))  # < total
+    j = torch.searchsorted(c, v, right=True)  # (N, 1): the block holding v, a block of positive mass
+    w = q.gather(1, j[..., None].expand(N, 1, block)).squeeze(1).double().cumsum(-1)  # (N, block) in block j
+    rest = (v - (c.gather(1, j) - s.gather(1, j))).clamp_min(0)  # mass before v inside block j
+    rest = torch.minimum(rest, w[:, -1:].nextafter(torch.zeros_like(rest)))  # < the block's mass
+    i = torch.searchsorted(w, rest, right=True)  # (N, 1)
+    return (j * block + i).squeeze(1)
+
+
 def _categorical(p: torch.Tensor, generator=None) -> torch.Tensor:
-    """One draw per row of p (N, V), p ≥ 0, by the inverse of its CDF: y = the first index whose cumulative
-    mass exceeds u·Σp, u ~ U[0, 1), N random numbers. torch.multinomial draws an exponential per entry
-    instead, N·V of them: 0.1 s of a K-FAC batch at the small bench shape's 8k vocabulary (25% of it)."""
-    c = p.cumsum(-1)  # (N, V)
-    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device, dtype=p.dtype) * c[:, -1:]  # (N, 1)
-    return torch.searchsorted(c, u, right=True).clamp_max_(p.shape[-1] - 1).squeeze(1)
+    """One draw per row of p (N, V), p ≥ 0, by the inverse of its CDF from N uniforms. torch.multinomial
+    draws an exponential per entry instead, N·V of them: 0.1 s of a K-FAC batch at the small bench shape's
+    8k vocabulary (25% of it)."""
+    return _inverse_cdf(p, torch.rand(p.shape[0], generator=generator, device=p.device, dtype=p.dtype))
 
 
 def _log_likelihood(model, batch, forward, sample: bool, generator):

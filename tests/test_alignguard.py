@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, add_lora, delta_weight, dense_split, diag_fisher,
+from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, _inverse_cdf, add_lora, delta_weight, dense_split, diag_fisher,
                         disable_lora, e_rm, eig_topk, estimate_fisher, ewc_penalty, kfac_factors, l2_penalty,
                         load_adapter, load_fisher, lora_modules, lora_parameters, lora_split, merge_lora, merged_state_dict,
                         module_penalties, penalties, save_adapter, save_fisher, unmerge_lora)
@@ -169,6 +169,16 @@ def test_bf16_base_keeps_fp32_lora_weights():
                 m.lora_A(x.float()), m.scaling * m.lora_B.weight).to(torch.bfloat16)
         out.append((y, *torch.autograd.grad(y.float().square().sum(), (m.lora_A.weight, m.lora_B.weight))))
     assert all(torch.equal(a, b) for a, b in zip(*out))
+    # with dropout, in training, x is cast first: in bf16 dropout's scale 1/(1-p) would be rounded
+    drop = mlp().to(torch.bfloat16)
+    add_lora(drop, LoRAConfig(r=4, targets=("q_proj",), dropout=0.1))
+    seen = []
+    m = lora_modules(drop)["q_proj"]
+    m.lora_A.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.train()(x)
+        m.eval()(x)
+    assert seen == [torch.float32, torch.bfloat16]
 
 
 def test_targets_are_exact_suffixes_and_add_lora_twice_errors():
@@ -246,6 +256,29 @@ def test_categorical_draws_follow_the_rows_probabilities():
     sigma = (want * (1 - want) / n).sqrt()
     assert torch.all((freq - want).abs() <= 5 * sigma + 1e-12), (freq, want)
     assert torch.all(freq[want == 0] == 0)
+
+
+def test_inverse_cdf_is_exact_at_a_large_vocabulary_and_refuses_bad_rows():
+    """alignguard._inverse_cdf at u in the middle of a token's interval of the fp64 CDF must return that token:
+    a 20,000-token row (padded to its blocks) with masses from 0.3 down to 1e-30; 200 tokens of mass 1e-12 to
+    1e-7 (fp64 resolves them, one fp32 running sum over the row does not: it misses most of them) and 200
+    larger ones. NaN, inf and massless rows are refused."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(8 * torch.randn(1, 20_000, generator=g), -1)
+    p[0, ::7] = 0
+    c = torch.cat([torch.zeros(1, dtype=f64), p.double().cumsum(-1)[0]])  # c[t] = mass before token t
+    small = torch.nonzero((p[0] > 1e-12) & (p[0] < 1e-7)).squeeze(1)
+    large = torch.nonzero(p[0] >= 1e-7).squeeze(1)  # (a mass below ~1e-16 is below fp64's resolution of u)
+    tokens = torch.cat([small[torch.randperm(len(small), generator=g)[:200]],
+                        large[torch.randperm(len(large), generator=g)[:200]]])
+    u = (c[tokens] + c[tokens + 1]) / 2 / c[-1]
+    assert len(small) >= 200 and len(large) >= 200
+    assert torch.equal(_inverse_cdf(p.expand(len(u), -1), u), tokens)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="not finite"):
+            _inverse_cdf(torch.tensor([[0.2, bad, 0.3]]), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="sums to 0"):
+        _inverse_cdf(torch.zeros(1, 3), torch.tensor([0.5]))
 
 
 def test_kfac_is_the_exact_fisher_of_one_linear_softmax_layer_and_R_A_is_the_kl():
