@@ -294,7 +294,7 @@ def _inverse_cdf(p: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Te
     `block` entries and their cumulative sum in fp64 pick the block, an fp64 cumulative sum inside it the
     entry. A token of zero mass is never returned. Rows that are not finite or hold no mass are refused."""
     N, V = p.shape
-    q = F.pad(p, (0, -V % block)).view(N, -1, block)  # (N, nb, block), zero mass after V
+    q = F.pad(p, (0, -V % block)).view(N, -(-V // block), block)  # (N, nb, block), zero mass after V
     s = q.sum(-1, dtype=torch.float64)  # block masses (N, nb)
     c = s.cumsum(-1)  # (N, nb)
     total = c[:, -1:]  # (N, 1)

@@ -256,6 +256,7 @@ def test_categorical_draws_follow_the_rows_probabilities():
     sigma = (want * (1 - want) / n).sqrt()
     assert torch.all((freq - want).abs() <= 5 * sigma + 1e-12), (freq, want)
     assert torch.all(freq[want == 0] == 0)
+    assert _categorical(torch.rand(0, 300)).shape == (0,)  # a batch without loss tokens
 
 
 def test_inverse_cdf_is_exact_at_a_large_vocabulary_and_refuses_bad_rows():
