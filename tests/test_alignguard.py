@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, _inverse_cdf, add_lora, delta_weight, dense_split, diag_fisher,
-                        disable_lora, e_rm, eig_topk, estimate_fisher, ewc_penalty, kfac_factors, l2_penalty,
+from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, _inverse_cdf, add_lora, delta_weight,
+                        dense_split, diag_fisher, disable_lora, e_rm, eig_topk, estimate_fisher, ewc_penalty, kfac_factors, l2_penalty,
                         load_adapter, load_fisher, lora_modules, lora_parameters, lora_split, merge_lora, merged_state_dict,
                         module_penalties, penalties, save_adapter, save_fisher, unmerge_lora)
 

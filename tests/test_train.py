@@ -34,6 +34,11 @@ def adapter(out):
     return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
 
 
+@dataclass
+class PercentOpts:  # a field comment holding a '%', for add_dataclass_args
+    share: float = 0.5  # rows kept, 50% by default
+
+
 def test_help_lists_every_option(capsys):
     """`python train.py --help` (README: it lists every option with its default): a '%' in a field's comment
     once made argparse raise instead."""
@@ -47,11 +52,6 @@ def test_help_lists_every_option(capsys):
     parser = argparse.ArgumentParser()
     train.add_dataclass_args(parser, PercentOpts)
     assert "50% by default (default: 0.5)" in parser.format_help()
-
-
-@dataclass
-class PercentOpts:
-    share: float = 0.5  # rows kept, 50% by default
 
 
 def test_get_lr_boundaries():
