@@ -7,6 +7,7 @@ repetitions after warm-up; every ratio is ours / theirs.
     python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh  # Llama-3.2-1B shape, MFU on a GPU
     python tests/bench.py --shape small --dtype fp32 --profile  # + torch.profiler table of our step
     python tests/bench.py --scaling                             # ours: step vs T and r, AlignGuard vs width and grad-accum
+    python tests/bench.py --shape tiny --quick                  # seconds: checks that the script runs, measures nothing
 
 What is measured, per shape and dtype (fp32, or bf16: base weights in bf16 under autocast, LoRA in fp32,
 as train.py --dtype bf16 does):
@@ -71,9 +72,14 @@ class Shape:
     gen_prompts: tuple[int, ...]  # prompt lengths of the generation batch (left-padded to the longest)
     gen_new: int  # max_new_tokens of generation
     cuda_only: bool = False  # too large for a CPU run
+    check_only: bool = False  # seconds long: checks that the script runs (tests/test_bench.py), measures nothing
 
 
 SHAPES = {
+    # two layers of width 64: runs every measurement in seconds, for checking the script, not for its numbers
+    "tiny": Shape(ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+                  batch=2, seq=32, gen_prompts=(12, 7), gen_new=6, check_only=True),
     # ~8.5M parameters: quick enough to iterate on with two CPU cores
     "small": Shape(ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -501,7 +507,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
     def memory_row(name, o, t):  # t None: ours only; peak_bytes None: that memory worker failed
         a, b = o["peak_bytes"], None if t is None else t["peak_bytes"]
         shown = lambda x: "failed" if x is None else f"{x * mib:,.0f}"  # noqa: E731
-        if a is None or b is None:
+        if a is None or b is None or b == 0:  # b == 0: a step that grew nothing (the tiny check shape, in process)
             row(name, shown(a), "-" if t is None else shown(b), "", "")
         else:
             row(name, shown(a), shown(b), f"{a / b:.2f}x", verdict(a / b, GOALS["memory"], False))
@@ -602,6 +608,15 @@ def scaling(args, base: dict):
             print(f"| {k} | {k * base['batch'] * base['seq']:,} | {1e3 * plain:.0f} | {1e3 * ag:.0f} | {100 * (ag / plain - 1):+.1f}% |")
 
 
+def selected_shapes(name: str, device: str) -> list[str]:
+    """The shapes --shape names: `all` is every measuring shape the device runs (not the tiny check shape)."""
+    if name != "all":
+        if device == "cpu" and SHAPES[name].cuda_only:
+            raise SystemExit(f"--shape {name} is for --device cuda only")
+        return [name]
+    return [s for s, v in SHAPES.items() if not v.check_only and (device == "cuda" or not v.cuda_only)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="small", choices=[*SHAPES, "all"], help="model shape (all: every shape the device runs)")
@@ -627,9 +642,7 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    shapes = [s for s in SHAPES if args.device == "cuda" or not SHAPES[s].cuda_only] if args.shape == "all" else [args.shape]
-    if args.device == "cpu" and any(SHAPES[s].cuda_only for s in shapes):
-        raise SystemExit(f"--shape {args.shape} is for --device cuda only")
+    shapes = selected_shapes(args.shape, args.device)
     dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
     reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
     torch.set_num_threads(args.threads)
@@ -658,10 +671,12 @@ def main(argv=None):
         for dtype in dtypes:
             print(f"\n## {shape_name} ({n_params / 1e6:,.1f}M params), {dtype}, {args.device}, B={B} T={T}, "
                   f"LoRA r=8 alpha=16, median of {reps} after {warmup} warm-up")
+            if shape.check_only:
+                print("# the tiny check shape: these figures only show that every measurement runs")
             base = {"shape": shape_name, "dtype": dtype, "device": args.device, "threads": args.threads,
                     "seed": args.seed, "batch": B, "seq": T, "reps": reps, "warmup": warmup,
                     "quiet_hf": missing is None, "no_eigh": args.no_eigh,
-                    "gen_new": max(8, shape.gen_new // 2) if args.quick else shape.gen_new}
+                    "gen_new": min(shape.gen_new, max(8, shape.gen_new // 2)) if args.quick else shape.gen_new}
             cells = {}
             for tname in TARGETS:
                 for stack in ("ours", "theirs") if missing is None else ("ours",):

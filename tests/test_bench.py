@@ -1,0 +1,87 @@
+"""tests/bench.py and tests/cuda_check.py run as written (issue 7's benchmark, issue 4's GPU check), on bench's
+`tiny` check shape: every measurement, the report and the JSON, in seconds. Their numbers mean nothing at
+that size; what is checked is that the scripts run and that both stacks compute the same thing."""
+
+import json
+
+import pytest
+import torch
+
+import bench
+import cuda_check
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """bench's workers run in this process instead of one subprocess each (seconds of imports apiece);
+    results go through JSON as they would from a worker."""
+    monkeypatch.setattr(bench, "run_worker", lambda task, env=None: json.loads(json.dumps(bench.WORKERS[task["kind"]](task))))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecation chatter, as bench workers silence it
+def test_bench_runs_every_measurement(in_process, capsys, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "bench.json"
+    bench.main(["--shape", "tiny", "--quick", "--json", str(out), "--threads", str(torch.get_num_threads())])
+    text = capsys.readouterr().out
+    for dtype in ("fp32", "bf16"):
+        assert f"## tiny (0.1M params), {dtype}, cpu" in text
+    rows = [line.strip() for line in text.splitlines() if line.startswith("  ")]
+    names = ("LoRA step qkvo: tokens/s", "LoRA step qkvo: peak MiB", "LoRA step all-linear: tokens/s",
+             "with --grad-checkpoint: tokens/s", "AlignGuard step vs plain: ms", "estimate_fisher(1 batch) vs step: s",
+             "K-FAC factors (1 batch) vs step: s", "greedy generation: tokens/s")
+    for name in names:
+        assert sum(r.startswith(name) for r in rows) == 2, name  # once per dtype
+    assert not any("failed" in r or "!!" in r for r in rows)
+    # the same weights give the same logits and the same greedy tokens in both stacks
+    assert sum(r.startswith("same tokens / max logit diff") and r.split()[6] == "yes" for r in rows) == 2
+
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["dtype"] for r in runs] == ["fp32", "bf16"]
+    for run in runs:
+        cells = run["cells"]
+        assert set(cells) == {"ours/qkvo", "theirs/qkvo", "pair/qkvo", "ours/all-linear", "theirs/all-linear",
+                              "pair/all-linear", "ours-ckpt/all-linear"}
+        for key in ("ours/qkvo", "theirs/qkvo"):
+            assert cells[key]["peak_bytes"] > 0 and len(cells[key]["step_s"]) == 3
+        assert cells["ours/qkvo"]["n_trainable"] == cells["theirs/qkvo"]["n_trainable"]
+        assert cells["ours/all-linear"]["n_loss_tokens"] == cells["theirs/all-linear"]["n_loss_tokens"] > 0
+        gen = run["generate"]
+        assert gen["tokens_equal"] and gen["lengths_ours"] == gen["lengths_theirs"] == [6, 6]  # gen_new, eos off
+        assert gen["logit_max_diff"] < (1e-5 if run["dtype"] == "fp32" else 1e-1)
+
+
+def test_bench_worker_subprocess():
+    """One real worker: the JSON task on its command line, the RESULT line back."""
+    pytest.importorskip("transformers")
+    task = {"kind": "generate", "shape": "tiny", "dtype": "fp32", "device": "cpu", "threads": 1, "seed": 0,
+            "reps": 1, "gen_new": 4, "quiet_hf": True}
+    result = bench.run_worker(task)
+    assert result is not None and result["tokens_equal"] and result["new_tokens"] == 2 * 4
+
+
+def test_bench_worker_failure_is_reported(capsys):
+    assert bench.run_worker({"kind": "no-such-measurement", "dtype": "fp32", "threads": 1}) is None
+    assert "no-such-measurement" in capsys.readouterr().err
+
+
+def test_shape_selection():
+    assert bench.selected_shapes("all", "cpu") == ["small", "smollm"]  # never the tiny check shape
+    assert bench.selected_shapes("all", "cuda") == ["small", "smollm", "1b"]
+    assert bench.selected_shapes("tiny", "cpu") == ["tiny"]
+    with pytest.raises(SystemExit, match="cuda only"):
+        bench.selected_shapes("1b", "cpu")
+
+
+def test_cuda_check_runs_on_cpu(tmp_path, capsys):
+    code = cuda_check.main(["--device", "cpu", "--shape", "tiny", "--steps", "3", "--dtypes", "bf16", "--batch-size", "2",
+                            "--max-len", "32", "--skip", "1", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith(("fp32 ", "bf16 "))}
+    assert set(lines) == {"fp32", "bf16"} and "reference" in lines["fp32"]
+    assert code == (0 if " ok " in lines["bf16"] else 1)
+    assert len(cuda_check.read_metrics(tmp_path / "bf16")) == 3
