@@ -83,5 +83,5 @@ def test_cuda_check_runs_on_cpu(tmp_path, capsys):
     text = capsys.readouterr().out
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith(("fp32 ", "bf16 "))}
     assert set(lines) == {"fp32", "bf16"} and "reference" in lines["fp32"]
-    assert code == (0 if " ok " in lines["bf16"] else 1)
+    assert code == 0 and " ok " in lines["bf16"]  # three steps of a tiny model: bf16 tracks fp32 to well under 2%
     assert len(cuda_check.read_metrics(tmp_path / "bf16")) == 3
