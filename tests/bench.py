@@ -7,7 +7,7 @@ repetitions after warm-up; every ratio is ours / theirs.
     python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh  # Llama-3.2-1B shape, MFU on a GPU
     python tests/bench.py --shape small --dtype fp32 --profile  # + torch.profiler table of our step
     python tests/bench.py --scaling                             # ours: step vs T and r, AlignGuard vs width and grad-accum
-    python tests/bench.py --shape tiny --quick                  # seconds: checks that the script runs, measures nothing
+    python tests/bench.py --shape tiny --quick                  # ~1 min per dtype: checks the script runs; figures mean nothing
 
 What is measured, per shape and dtype (fp32, or bf16: base weights in bf16 under autocast, LoRA in fp32,
 as train.py --dtype bf16 does):
@@ -72,7 +72,7 @@ class Shape:
     gen_prompts: tuple[int, ...]  # prompt lengths of the generation batch (left-padded to the longest)
     gen_new: int  # max_new_tokens of generation
     cuda_only: bool = False  # too large for a CPU run
-    check_only: bool = False  # seconds long: checks that the script runs (tests/test_bench.py), measures nothing
+    check_only: bool = False  # checks that the script runs (tests/test_bench.py); its figures mean nothing
 
 
 SHAPES = {
@@ -507,7 +507,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
     def memory_row(name, o, t):  # t None: ours only; peak_bytes None: that memory worker failed
         a, b = o["peak_bytes"], None if t is None else t["peak_bytes"]
         shown = lambda x: "failed" if x is None else f"{x * mib:,.0f}"  # noqa: E731
-        if a is None or b is None or b == 0:  # b == 0: a step that grew nothing (the tiny check shape, in process)
+        if a is None or b is None or not b:  # no ratio against a zero peak
             row(name, shown(a), "-" if t is None else shown(b), "", "")
         else:
             row(name, shown(a), shown(b), f"{a / b:.2f}x", verdict(a / b, GOALS["memory"], False))
@@ -619,7 +619,7 @@ def selected_shapes(name: str, device: str) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="small", choices=[*SHAPES, "all"], help="model shape (all: every shape the device runs)")
+    p.add_argument("--shape", default="small", choices=[*SHAPES, "all"], help="model shape (all: every measuring shape the device runs, not tiny)")
     p.add_argument("--dtype", default="all", choices=[*DTYPES, "all"], help="compute dtype")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
@@ -676,6 +676,7 @@ def main(argv=None):
             base = {"shape": shape_name, "dtype": dtype, "device": args.device, "threads": args.threads,
                     "seed": args.seed, "batch": B, "seq": T, "reps": reps, "warmup": warmup,
                     "quiet_hf": missing is None, "no_eigh": args.no_eigh,
+                    # --quick: half the new tokens, at least 8, never more than the shape's own
                     "gen_new": min(shape.gen_new, max(8, shape.gen_new // 2)) if args.quick else shape.gen_new}
             cells = {}
             for tname in TARGETS:

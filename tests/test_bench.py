@@ -13,12 +13,12 @@ import cuda_check
 
 @pytest.fixture
 def in_process(monkeypatch):
-    """bench's workers run in this process instead of one subprocess each (seconds of imports apiece);
-    results go through JSON as they would from a worker."""
-    monkeypatch.setattr(bench, "run_worker", lambda task, env=None: json.loads(json.dumps(bench.WORKERS[task["kind"]](task))))
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    """bench's workers run in this process instead of one subprocess each (seconds of imports apiece); results
+    go through JSON as they would from a worker. The memory worker's environment (MALLOC_MMAP_THRESHOLD_) is
+    dropped, so its peaks are this process's own: they are only checked to be measured at all."""
+    def run_worker(task, env=None):
+        return json.loads(json.dumps(bench.WORKERS[task["kind"]](task)))
+    monkeypatch.setattr(bench, "run_worker", run_worker)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecation chatter, as bench workers silence it
@@ -26,8 +26,11 @@ def test_bench_runs_every_measurement(in_process, capsys, tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     out = tmp_path / "bench.json"
-    bench.main(["--shape", "tiny", "--quick", "--json", str(out), "--threads", str(torch.get_num_threads())])
+    # --threads as now: bench.main sets it for the whole process
+    bench.main(["--shape", "tiny", "--quick", "--profile", "--json", str(out),
+                "--threads", str(torch.get_num_threads())])
     text = capsys.readouterr().out
+    assert text.count("Self CPU time total") == 2  # --profile: torch.profiler's table of our step, per dtype
     for dtype in ("fp32", "bf16"):
         assert f"## tiny (0.1M params), {dtype}, cpu" in text
     rows = [line.strip() for line in text.splitlines() if line.startswith("  ")]
@@ -66,7 +69,8 @@ def test_bench_worker_subprocess():
 
 def test_bench_worker_failure_is_reported(capsys):
     assert bench.run_worker({"kind": "no-such-measurement", "dtype": "fp32", "threads": 1}) is None
-    assert "no-such-measurement" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no-such-measurement" in err and "KeyError" in err  # the worker's own traceback is passed on
 
 
 def test_shape_selection():
