@@ -492,6 +492,12 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     Prompts are left-padded: positions count from each prompt's first real token and pad keys are
     masked out, so every row computes what it would alone. The KV cache is allocated here, per call,
     on the model's device, sized prompt + max_new_tokens.
+
+    Finished rows leave the batch: once a quarter of the rows still running have stopped, the cache and
+    the per-row state keep only the unfinished rows (one copy of the cache), so that a batch of short
+    refusals and long answers does not compute the refusals' rows to the end. (SmolLM2-135M on a CPU,
+    64 prompts in batches of 32 stopping at their first sentence: 19.9 s -> 14.4 s, the same tokens.)
+    With temperature > 0 the draws depend on which rows are still running, as they did on the batch.
     """
     cfg = model.config
     p = next(model.parameters())
@@ -517,17 +523,23 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     h = model(ids, position_ids=positions[:, :P], mask=mask[:, None], cache=cache, cache_pos=0, hidden_only=True)
     logits = model.lm_head(h[:, -1])  # (B, V): only the last prompt position predicts
 
-    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # the prompt each row of the running batch belongs to
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(P, Tmax):
-        nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
+        nxt = sample_next(logits, temperature, top_p, generator)  # (b,), b rows still in the batch
         nxt = torch.where(done, pad_id, nxt)
-        out = torch.cat([out, nxt[:, None]], dim=1)
+        out[rows, t - P] = nxt
         done |= torch.isin(nxt, eos)
-        if bool(done.all()) or t == Tmax - 1:
+        n_done = int(done.sum())
+        if n_done == len(rows) or t == Tmax - 1:
             break
+        if 4 * n_done >= len(rows):  # drop the finished rows: every later step is cheaper by their share
+            keep = (~done).nonzero().squeeze(1)  # (b',)
+            rows, nxt, done, valid, positions = rows[keep], nxt[keep], done[keep], valid[keep], positions[keep]
+            cache = [(k[keep], v[keep]) for k, v in cache]
         logits = model(nxt[:, None], position_ids=positions[:, t:t + 1],
-                       mask=valid[:, None, None, :t + 1], cache=cache, cache_pos=t)[:, -1]  # (B, V)
+                       mask=valid[:, None, None, :t + 1], cache=cache, cache_pos=t)[:, -1]  # (b, V)
     stops, result = set(eos.tolist()), []
     for row in out.tolist():
         stop = next((i for i, tok in enumerate(row) if tok in stops), len(row))

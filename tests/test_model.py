@@ -170,6 +170,24 @@ def test_generation_stops_at_eos_and_returns_new_tokens_only():
     assert stopped == free[:free.index(eos)]
 
 
+def test_finished_rows_leave_the_batch_without_changing_the_others():
+    model = tiny_model(initializer_range=0.2)
+    prompts = [[5, 17, 3], [11, 12], [64, 65, 66, 67, 1], [8, 9, 10, 2], [30], [40, 41, 42, 43, 44, 45]]
+    free = generate(model, prompts, max_new_tokens=12, eos_ids=[1000])  # eos never produced
+    eos = {free[0][1], free[2][4], free[4][7]}  # rows stop at different steps
+    expected = [f[:next((i for i, tok in enumerate(f) if tok in eos), len(f))] for f in free]
+    assert len({len(e) for e in expected}) > 2 and max(map(len, expected)) > min(map(len, expected)) + 2
+    rows_per_call = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows_per_call.append(args[0].shape[0]))
+    try:
+        got = generate(model, prompts, max_new_tokens=12, eos_ids=sorted(eos))
+    finally:
+        hook.remove()
+    assert got == expected
+    assert rows_per_call[0] == len(prompts) and min(rows_per_call) < len(prompts)  # the batch did shrink
+    assert rows_per_call == sorted(rows_per_call, reverse=True)
+
+
 def test_greedy_matches_transformers_generate(tmp_path):
     hf, out = make_hf_model(tmp_path, "gqa_tied")
     ours = load_model(out)
