@@ -188,6 +188,18 @@ def test_finished_rows_leave_the_batch_without_changing_the_others():
     assert rows_per_call == sorted(rows_per_call, reverse=True)
 
 
+def test_seeded_sampling_does_not_depend_on_when_other_rows_stop():
+    model = tiny_model(initializer_range=0.2)
+    prompts = [[5, 17, 3], [11, 12], [64, 65, 66, 67, 1], [8, 9, 10, 2]]
+
+    def sample(eos):
+        return generate(model, prompts, 10, eos, temperature=1.5, generator=torch.Generator().manual_seed(1))
+
+    free = sample([1000])
+    eos = {free[0][1], free[2][5]}
+    assert sample(sorted(eos)) == [f[:next((i for i, tok in enumerate(f) if tok in eos), len(f))] for f in free]
+
+
 def test_greedy_matches_transformers_generate(tmp_path):
     hf, out = make_hf_model(tmp_path, "gqa_tied")
     ours = load_model(out)
