@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignguard import disable_lora, load_adapter, lora_modules, remove_lora
+from alignguard import disable_lora, load_adapter, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
                   read_driftcheck, read_mc, read_prompts_csv, read_task)
 from model import generate, load_model
@@ -704,14 +704,21 @@ def run(cfg: EvalConfig, judge=None, toxicity=None) -> dict:
     return report
 
 
+def field_help(cls) -> dict[str, str]:
+    """The trailing comment of each dataclass field, the one place options are documented, as argparse help
+    ('%' doubled: argparse %-formats help strings). train.py's CLI uses it too."""
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip().replace("%", "%%")
+            for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", src, re.M)}
+
+
 def parse_args(argv=None) -> EvalConfig:
     """argparse generated from EvalConfig: the trailing comment of each field is its help."""
-    src = inspect.getsource(EvalConfig)
-    helps = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", src, re.M)}
+    helps = field_help(EvalConfig)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(EvalConfig):
-        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help
+        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         elif isinstance(f.default, tuple):

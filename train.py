@@ -13,11 +13,9 @@ checkpoint/ (resumable), merged/ with --merge.
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -34,7 +32,7 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, dis
                         ewc_penalty, l2_penalty, load_adapter, load_fisher, lora_parameters, merged_state_dict,
                         penalties, remove_lora, save_adapter, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
-from eval import EvalConfig, balanced_subset, compare, evaluate_model, format_report, load_eval_data
+from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
 from model import Llama, ModelConfig, init_weights, load_model, resolve_checkpoint, save_model
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
@@ -599,18 +597,12 @@ def demo(out: str = "", limit: int = 400, steps: int = 0, methods=("lora", "alig
 
 # ----------------------------------------------------------------------------- command line
 
-def field_help(cls) -> dict[str, str]:
-    """The trailing comment of each dataclass field: the one place options are documented."""
-    src = inspect.getsource(cls)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", src, re.M)}
-
-
 def add_dataclass_args(parser, cls, prefix=""):
     helps = field_help(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in fields(cls):
         flag = "--" + (prefix + f.name).replace("_", "-")
-        default, h = f.default, helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
+        default, h = f.default, helps.get(f.name, "")
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=prefix + f.name,
                                help=h)

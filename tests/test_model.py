@@ -170,12 +170,17 @@ def test_generation_stops_at_eos_and_returns_new_tokens_only():
     assert stopped == free[:free.index(eos)]
 
 
+def cut_at(row, eos):
+    """A free run's tokens up to (not including) the first of the eos tokens."""
+    return row[:next((i for i, tok in enumerate(row) if tok in eos), len(row))]
+
+
 def test_finished_rows_leave_the_batch_without_changing_the_others():
     model = tiny_model(initializer_range=0.2)
     prompts = [[5, 17, 3], [11, 12], [64, 65, 66, 67, 1], [8, 9, 10, 2], [30], [40, 41, 42, 43, 44, 45]]
     free = generate(model, prompts, max_new_tokens=12, eos_ids=[1000])  # eos never produced
     eos = {free[0][1], free[2][4], free[4][7]}  # rows stop at different steps
-    expected = [f[:next((i for i, tok in enumerate(f) if tok in eos), len(f))] for f in free]
+    expected = [cut_at(f, eos) for f in free]
     assert len({len(e) for e in expected}) > 2 and max(map(len, expected)) > min(map(len, expected)) + 2
     rows_per_call = []
     hook = model.register_forward_pre_hook(lambda m, args: rows_per_call.append(args[0].shape[0]))
@@ -197,7 +202,7 @@ def test_seeded_sampling_does_not_depend_on_when_other_rows_stop():
 
     free = sample([1000])
     eos = {free[0][1], free[2][5]}
-    assert sample(sorted(eos)) == [f[:next((i for i, tok in enumerate(f) if tok in eos), len(f))] for f in free]
+    assert sample(sorted(eos)) == [cut_at(f, eos) for f in free]
 
 
 def test_greedy_matches_transformers_generate(tmp_path):
