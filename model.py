@@ -194,10 +194,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in fp32; the weight multiplies after casting back, as transformers does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x·rsqrt(mean(x²) + eps) in fp32, then the weight multiplies after casting back, as transformers does.
+        # F.rms_norm without a weight is that formula bit for bit (values and gradients, fp32/bf16/fp16, tests/),
+        # in one call where the Python form made six: 4% of a decode step on the small bench shape
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (Llama, ModelConfig, apply_rope, generate, init_weights, load_model, rope_cos_sin, rope_inv_freq,
-                   save_model, swiglu)
+from model import (Llama, ModelConfig, RMSNorm, apply_rope, generate, init_weights, load_model, rope_cos_sin,
+                   rope_inv_freq, save_model, swiglu)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -123,6 +123,25 @@ def greedy_without_cache(model, prompt, n):
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rmsnorm_equals_the_written_formula_bit_for_bit(dtype):
+    """RMSNorm's F.rms_norm call against the formula written out as transformers' LlamaRMSNorm does it
+    (statistics in fp32, cast back, then the weight): the same bits in the output and both gradients."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(48, generator=g).to(dtype))
+    x = (3 * torch.randn(2, 5, 48, generator=g)).to(dtype).requires_grad_()
+    dy = torch.randn(2, 5, 48, generator=g).to(dtype)
+    w = norm.weight.detach().clone().requires_grad_()
+    xf = x.float()
+    ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    y = norm(x)
+    assert y.dtype == dtype and torch.equal(y, ref)
+    got, want = torch.autograd.grad(y, (x, norm.weight), dy), torch.autograd.grad(ref, (x, w), dy)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
