@@ -440,20 +440,25 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
                overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write model.safetensors + config.json (and copy tokenizer files from `tokenizer_from`) so
     that transformers' LlamaForCausalLM.from_pretrained(out_dir) loads it. `state_dict` overrides
-    the model's own (e.g. a merged LoRA state dict). Refuses to replace an existing checkpoint."""
+    the model's own (e.g. a merged LoRA state dict); a tied model whose lm_head.weight there differs from
+    embed_tokens (LoRA merged into a tied lm_head) is written untied. Refuses to replace an existing checkpoint."""
     out = Path(out_dir)
     if (out / "model.safetensors").exists() and not overwrite:
         raise ValueError(f"{out}: already holds model.safetensors; refusing to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict() if state_dict is None else state_dict
+    # tied only while lm_head still equals embed_tokens: a merged LoRA adapter on a tied lm_head unties them
+    tied = model.config.tie_word_embeddings and (
+        "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]))
     tensors = {}
     for k, v in sd.items():
-        if model.config.tie_word_embeddings and k == "lm_head.weight":
+        if tied and k == "lm_head.weight":
             continue  # transformers re-ties it from embed_tokens
         v = v.detach().to("cpu")
         tensors[k] = (v.to(dtype) if dtype is not None else v).contiguous()
     _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     hf = model.config.to_hf()
+    hf["tie_word_embeddings"] = tied
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
     if tokenizer_from is not None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, _inverse_cdf, add_lora, delta_weight,
                         dense_split, diag_fisher, disable_lora, e_rm, eig_topk, estimate_fisher, ewc_penalty, kfac_factors, l2_penalty,
-                        load_adapter, load_fisher, lora_modules, lora_parameters, lora_split, merge_lora, merged_state_dict,
+                        load_adapter, load_fisher, lora_modules, lora_parameters, lora_split, merge_lora, merged_lora, merged_state_dict,
                         module_penalties, penalties, save_adapter, save_fisher, unmerge_lora)
 
 f64 = torch.float64
@@ -142,15 +142,80 @@ def test_merge_equals_unmerged_and_round_trips():
     torch.testing.assert_close(fresh(x), y)
 
     merge_lora(model)
-    torch.testing.assert_close(model.q_proj.weight, W_q)
+    torch.testing.assert_close(model.q_proj.merged_weight, W_q)
     torch.testing.assert_close(model(x), y)
+    assert set(model.state_dict()) == set(copy.deepcopy(model).state_dict()) and "q_proj.merged_weight" not in model.state_dict()
     with pytest.raises(ValueError, match="unmerge"):
         with disable_lora(model):
             pass
     unmerge_lora(model)
-    for name in ("q_proj", "o_proj"):
-        torch.testing.assert_close(getattr(model, name).weight, getattr(base, name).weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(x), y)
+    for name in ("q_proj", "o_proj"):  # W0 was never written: the same bits, and the same outputs as before merging
+        assert torch.equal(getattr(model, name).weight, getattr(base, name).weight)
+    assert torch.equal(model(x), y)
+    with disable_lora(model), pytest.raises(ValueError, match="disabled"):
+        merge_lora(model)
+
+
+def tied_lm(seed=0):
+    """Our Llama with a tied lm_head, LoRA on q_proj and on lm_head itself, B random."""
+    from model import Llama, ModelConfig, init_weights
+    model = init_weights(Llama(ModelConfig(tie_word_embeddings=True)), seed).eval()
+    add_lora(model, LoRAConfig(r=4, targets=("q_proj", "lm_head")))
+    randomize_B(model)
+    return model
+
+
+def test_merging_a_tied_lm_head_keeps_the_embedding(tmp_path):
+    """LoRA on a tied lm_head: merging gives lm_head W0 + ΔW and leaves embed_tokens W0, in place and in a
+    saved merged checkpoint (written untied, which our loader and transformers read back as the adapted model)."""
+    from model import load_model, save_model
+    model = tied_lm()
+    E0 = model.model.embed_tokens.weight.clone()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(ids)
+        merge_lora(model)
+        torch.testing.assert_close(model(ids), y)
+        unmerge_lora(model)
+        assert torch.equal(model.model.embed_tokens.weight, E0) and torch.equal(model(ids), y)
+        save_model(model, tmp_path / "merged", state_dict=merged_state_dict(model))
+        config = json.loads((tmp_path / "merged" / "config.json").read_text())
+        assert config["tie_word_embeddings"] is False and "lm_head.weight" in load_file(tmp_path / "merged" / "model.safetensors")
+        torch.testing.assert_close(load_model(tmp_path / "merged").eval()(ids), y)
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(hf(ids).logits, y)
+        # without LoRA on lm_head the checkpoint stays tied
+        remove = copy.deepcopy(model)
+        with disable_lora(remove):
+            save_model(remove, tmp_path / "plain", state_dict={k: v for k, v in remove.state_dict().items() if "lora" not in k})
+        assert json.loads((tmp_path / "plain" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_merged_lora_merges_only_where_it_keeps_delta_w():
+    """merged_lora: fp32 modules run W0 + ΔW inside the block (outputs within rounding of the unmerged ones) and come
+    back bit for bit after it; disabled modules, a bf16 base and autocast are left unmerged."""
+    model = tied_lm()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(ids)
+        with merged_lora(model):
+            assert all(m.merged for m in lora_modules(model).values())
+            y_merged = model(ids)
+        assert not any(m.merged for m in lora_modules(model).values()) and torch.equal(model(ids), y)
+        torch.testing.assert_close(y_merged, y)
+        assert not torch.equal(y_merged, y)  # merged for real: one sum in place of two changes the last bits
+        with disable_lora(model), merged_lora(model):
+            assert not any(m.merged for m in lora_modules(model).values())
+        with torch.autocast("cpu", dtype=torch.bfloat16), merged_lora(model):
+            assert not any(m.merged for m in lora_modules(model).values())
+        model.to(torch.bfloat16)
+        with merged_lora(model):
+            assert not any(m.merged for m in lora_modules(model).values())
+        merge_lora(model)  # merged already: left merged after the block
+        with merged_lora(model):
+            pass
+        assert all(m.merged for m in lora_modules(model).values())
 
 
 def test_bf16_base_keeps_fp32_lora_weights():

@@ -3,6 +3,7 @@ lists, Wilson intervals as roots of their quadratic, drift arithmetic, per-categ
 likelihood scorers on a model whose preference is set by hand, the scaling fit on synthetic data,
 DRIFTCHECK scoring on the tiny checkpoint of conftest.py, and the report CLI."""
 
+import contextlib
 import json
 import random
 from collections import Counter
@@ -365,6 +366,38 @@ def test_score_driftcheck_counts_agree_with_its_responses(tiny_ckpt, capsys):
         for cls in ev.CLASSES:
             assert [r["class"] for r in got] == [ev.CLASSES[len(r["response"]) % 3] for r in got]
             assert m["by_label"][label][cls]["k"] == sum(r["class"] == cls for r in got)
+
+
+def test_score_driftcheck_generates_with_the_adapter_merged_and_restores_it(tiny_ckpt, monkeypatch):
+    """An fp32 adapter is merged while DRIFTCHECK generates (every call sees merged modules), the responses equal
+    the unmerged model's on the tiny checkpoint, and afterwards the modules are unmerged with outputs bit for bit."""
+    tok, model = load_tokenizer(tiny_ckpt), load_model(tiny_ckpt)
+    add_lora(model, LoRAConfig(r=4, targets="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(0.3 * torch.randn(m.lora_B.weight.shape, generator=g))
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        y = model(x)
+    rows, seen = driftcheck_rows(), []
+    generate = ev.generate
+
+    def spy(model_, *args, **kw):
+        seen.append(all(m.merged for m in lora_modules(model_).values()))
+        return generate(model_, *args, **kw)
+
+    monkeypatch.setattr(ev, "generate", spy)
+    out = ev.score_driftcheck(model, tok, rows, batch_size=4, max_new_tokens=6, progress=False)
+    assert seen and all(seen)
+    assert not any(m.merged for m in lora_modules(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    monkeypatch.setattr(ev, "merged_lora", lambda model_: contextlib.nullcontext())
+    seen.clear()
+    unmerged = ev.score_driftcheck(model, tok, rows, batch_size=4, max_new_tokens=6, progress=False)
+    assert seen and not any(seen)
+    assert [r["response"] for r in unmerged["rows"]] == [r["response"] for r in out["rows"]]
 
 
 def test_remove_lora_restores_the_base_for_the_next_adapter(tiny_ckpt, tmp_path):
