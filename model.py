@@ -56,14 +56,25 @@ class ModelConfig:
     eos_token_id: int | list | None = None  # carried through to config.json
 
     def __post_init__(self):
+        """Fills the defaults and refuses a shape the model cannot have, naming the field (ValueError)."""
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads") + (() if self.head_dim is None else ("head_dim",))
+        for key in sizes:
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"field {key!r} = {v!r}: expected a positive integer")
         if self.head_dim is None:
-            assert self.hidden_size % self.num_attention_heads == 0, (self.hidden_size, self.num_attention_heads)
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"field 'hidden_size' = {self.hidden_size} is not a multiple of "
+                                 f"'num_attention_heads' = {self.num_attention_heads} (and no 'head_dim' is given)")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        assert self.num_attention_heads % self.num_key_value_heads == 0, \
-            f"nh={self.num_attention_heads} is not a multiple of nkv={self.num_key_value_heads}"
-        assert self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"field 'num_attention_heads' = {self.num_attention_heads} is not a multiple of "
+                             f"'num_key_value_heads' = {self.num_key_value_heads} (each KV head serves a whole group)")
+        if self.head_dim % 2:
+            raise ValueError(f"field 'head_dim' = {self.head_dim} is odd: RoPE rotates pairs of channels")
 
     @classmethod
     def from_hf(cls, path) -> "ModelConfig":
@@ -90,6 +101,9 @@ class ModelConfig:
         for key in ("attention_bias", "mlp_bias"):
             if hf.get(key, False):
                 refuse(key, hf[key], "linear layers have no bias here")
+        if hf.get("attention_dropout", 0.0):
+            refuse("attention_dropout", hf["attention_dropout"], "attention has no dropout here (LoRA's own "
+                   "dropout is --lora-dropout); set it to 0.0 to train without it")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(hf.get(key), int):
                 raise ValueError(f"{file}: field {key!r} is missing or not an integer")
@@ -110,7 +124,7 @@ class ModelConfig:
         else:
             refuse("rope_type", rope_type, "only default and llama3 RoPE are implemented")
 
-        return cls(
+        kwargs = dict(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -127,6 +141,10 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )
+        try:  # __post_init__ checks the shape; its error gets the file name
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
 
     def to_hf(self) -> dict:
         """The config.json that transformers' LlamaForCausalLM reads back as this model."""
@@ -308,8 +326,8 @@ class Llama(nn.Module):
 
         position_ids (B, T) default to cache_pos + arange(T). mask (B, 1, T, S) bool, True where a
         query may attend a key (or already additive, 0 / -inf in the compute dtype); None means causal
-        over the T tokens given (no padding on the left).
-        cache: per layer a (k, v) pair of (B, nkv, Tmax, hd) tensors, written at cache_pos.
+        (no padding on the left): the query at cache_pos + t sees keys 0 .. cache_pos + t, cached ones included.
+        cache: per layer a (k, v) pair of (B, nkv, Tmax, hd) tensors, written at cache_pos; S = cache_pos + T.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -318,6 +336,10 @@ class Llama(nn.Module):
             self._inv_freq = rope_inv_freq(self.config, input_ids.device)  # (hd/2,), computed once per device
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = (t.to(x.dtype) for t in rope_cos_sin(self._inv_freq, position_ids))  # (B, T, hd), fp32 angles
+        if mask is None and cache is not None and cache_pos > 0:
+            # SDPA's is_causal aligns the triangle top-left (query t sees keys <= t), which is wrong once
+            # cached keys come first: query t sits at cache_pos + t
+            mask = torch.ones(T, cache_pos + T, dtype=torch.bool, device=input_ids.device).tril(cache_pos)  # (T, S)
         if mask is not None and mask.dtype == torch.bool:
             # once here rather than inside every layer's attention: 0 where a query may attend, -inf elsewhere
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
@@ -436,15 +458,28 @@ def _atomic_write(path: Path, write):
         raise
 
 
+# copied beside a saved checkpoint from its source, when present
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json"]
+
+
 def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_from=None,
                overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write model.safetensors + config.json (and copy tokenizer files from `tokenizer_from`) so
     that transformers' LlamaForCausalLM.from_pretrained(out_dir) loads it. `state_dict` overrides
     the model's own (e.g. a merged LoRA state dict); a tied model whose lm_head.weight there differs from
-    embed_tokens (LoRA merged into a tied lm_head) is written untied. Refuses to replace an existing checkpoint."""
+    embed_tokens (LoRA merged into a tied lm_head) is written untied. Without `overwrite` it refuses a directory
+    that already holds a checkpoint or any file it would write (a sharded checkpoint beside a new
+    model.safetensors would lose to it in every loader)."""
     out = Path(out_dir)
-    if (out / "model.safetensors").exists() and not overwrite:
-        raise ValueError(f"{out}: already holds model.safetensors; refusing to overwrite it")
+    if not overwrite and out.is_dir():
+        ours = ["model.safetensors", "config.json"] + ([] if tokenizer_from is None else TOKENIZER_FILES)
+        held = sorted({p.name for p in out.iterdir()} & set(ours)
+                      | {p.name for pat in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+                         for p in out.glob(pat)})
+        if held:
+            raise ValueError(f"{out}: already holds {', '.join(held)}; refusing to overwrite a checkpoint "
+                             "(choose another directory)")
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict() if state_dict is None else state_dict
     # tied only while lm_head still equals embed_tokens: a merged LoRA adapter on a tied lm_head unties them
@@ -462,8 +497,7 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
     if tokenizer_from is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
-                     "chat_template.jinja", "chat_template.json"):
+        for name in TOKENIZER_FILES:
             src = Path(tokenizer_from) / name
             if src.is_file():
                 data = src.read_bytes()
@@ -475,6 +509,8 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """Next token per row of logits (B, V): argmax when temperature == 0, else nucleus sampling."""
+    if not temperature >= 0 or not 0 <= top_p <= 1:  # `not >=` also refuses NaN
+        raise ValueError(f"temperature must be >= 0 and top_p in [0, 1], got {temperature} and {top_p}")
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -492,7 +528,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_ids, pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, generator=None) -> list[list[int]]:
     """Continue a batch of token-id prompts of different lengths; return only the new tokens of
-    each, stopping at (and not including) the first of `eos_ids`.
+    each, stopping at (and not including) the first of `eos_ids` (an id, a list, set or tensor of ids,
+    or None for no stop token).
 
     Prompts are left-padded: positions count from each prompt's first real token and pad keys are
     masked out, so every row computes what it would alone. The KV cache is allocated here, per call,
@@ -521,7 +558,13 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     cache = [(torch.zeros(B, cfg.num_key_value_heads, Tmax, cfg.head_dim, device=device, dtype=dtype),
               torch.zeros(B, cfg.num_key_value_heads, Tmax, cfg.head_dim, device=device, dtype=dtype))
              for _ in range(cfg.num_hidden_layers)]
-    eos = torch.tensor(sorted(set(eos_ids if isinstance(eos_ids, (list, tuple, set)) else [eos_ids])), device=device)
+    if eos_ids is None:
+        eos_ids = []
+    elif isinstance(eos_ids, torch.Tensor):
+        eos_ids = eos_ids.flatten().tolist()
+    elif isinstance(eos_ids, int):
+        eos_ids = [eos_ids]
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
     # prefill: causal mask over the prompt, pad keys hidden; a pad query may see itself so that
     # no softmax row is empty (an empty row would give NaN that leaks into later layers)

@@ -3,6 +3,7 @@ recomputation without the KV cache."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -172,6 +173,31 @@ def test_kv_cache_generation_equals_recompute():
     assert got[0] == greedy_without_cache(model, prompt, 12)
 
 
+def test_forward_with_cache_and_no_mask_is_causal_over_the_cached_keys():
+    """mask=None with a cache: the query at cache_pos + t sees every key up to its own position. SDPA's is_causal
+    alone aligns its triangle top-left, so a chunk after cached keys saw only the first ones (logits off by 3)."""
+    model = tiny_model(initializer_range=0.2)
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = [tuple(torch.zeros(2, cfg.num_key_value_heads, 9, cfg.head_dim) for _ in range(2))
+             for _ in range(cfg.num_hidden_layers)]
+    with torch.no_grad():
+        full = model(ids)
+        chunks = [model(ids[:, a:b], cache=cache, cache_pos=a) for a, b in ((0, 5), (5, 8), (8, 9))]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_refuses_bad_sampling_settings_and_takes_any_eos_form():
+    model = tiny_model(initializer_range=0.2)
+    for temperature, top_p in ((-1.0, 1.0), (float("nan"), 1.0), (1.0, 1.5), (1.0, -0.1)):
+        with pytest.raises(ValueError, match="temperature must be >= 0 and top_p in"):
+            generate(model, [[5, 6]], 3, [1000], temperature=temperature, top_p=top_p)
+    free = generate(model, [[5, 6]], 4, [1000])
+    assert generate(model, [[5, 6]], 4, None) == generate(model, [[5, 6]], 4, []) == free
+    assert generate(model, [[5, 6]], 4, free[0][1]) == generate(model, [[5, 6]], 4, torch.tensor([free[0][1]])) \
+        == [cut_at(free[0], [free[0][1]])]
+
+
 def test_left_padded_batch_equals_each_prompt_alone():
     model = tiny_model(initializer_range=0.2)
     prompts = [[5, 17, 3, 99, 42, 7, 8, 9], [11, 12], [64, 65, 66, 67, 1]]
@@ -246,6 +272,25 @@ def test_sampling_top_p_keeps_only_the_nucleus():
     assert s1 == s2 and len({tuple(x) for x in s1}) > 1
 
 
+@pytest.mark.parametrize("held", [["config.json"], ["model.safetensors.index.json", "model-00001-of-00002.safetensors"],
+                                  ["pytorch_model.bin"], ["tokenizer.json"]])
+def test_save_model_refuses_a_directory_holding_a_checkpoint(tmp_path, held):
+    """Without overwrite nothing there is replaced: a sharded checkpoint's config.json, or a new model.safetensors
+    beside its shards (which every loader would then prefer), would lose the user's model."""
+    out, src = tmp_path / "ck", tmp_path / "src"
+    out.mkdir(), src.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    for name in held:
+        (out / name).write_text("theirs")
+    with pytest.raises(ValueError, match=re.escape(f"{out}: already holds {', '.join(sorted(held))}; refusing to overwrite")):
+        save_model(tiny_model(), out, tokenizer_from=src)
+    assert sorted(p.name for p in out.iterdir()) == sorted(held)
+    assert all((out / name).read_text() == "theirs" for name in held)
+    save_model(tiny_model(), tmp_path / "new", tokenizer_from=src)  # an empty or new directory is fine
+    save_model(tiny_model(), out, tokenizer_from=src, overwrite=True)
+    assert (out / "config.json").exists() and (out / "tokenizer.json").read_text() == "{}"
+
+
 def test_save_model_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = tiny_model(tie_word_embeddings=True)
@@ -309,13 +354,25 @@ def test_bad_tensors_are_named(saved, change, message):
     ("rope_scaling", {"type": "dynamic", "factor": 4.0}, "'rope_type' = 'dynamic' is not supported"),
     ("attention_bias", True, "'attention_bias' = True is not supported"),
     ("model_type", "gpt2", "'model_type' = 'gpt2' is not supported"),
+    ("attention_dropout", 0.1, "'attention_dropout' = 0.1 is not supported"),
+    # shapes the model cannot have: ValueErrors naming the field (they were asserts without the file)
+    ("num_key_value_heads", 3, "'num_attention_heads' = 4 is not a multiple of 'num_key_value_heads' = 3"),
+    ("head_dim", 7, "'head_dim' = 7 is odd"),
+    ("num_key_value_heads", 0, "'num_key_value_heads' = 0: expected a positive integer"),
+    ("hidden_size", 0, "'hidden_size' = 0: expected a positive integer"),
 ])
 def test_unsupported_config_is_refused(saved, field, value, message):
     cfg = json.loads((saved / "config.json").read_text())
     cfg[field] = value
     (saved / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(saved / 'config.json'))}: .*{message}"):
         load_model(saved)
+
+
+def test_no_head_dim_needs_divisible_hidden_size():
+    with pytest.raises(ValueError, match="'hidden_size' = 66 is not a multiple of 'num_attention_heads' = 4"):
+        ModelConfig(hidden_size=66, num_attention_heads=4)
+    assert ModelConfig(hidden_size=66, num_attention_heads=4, head_dim=16).head_dim == 16
 
 
 def test_rope_parameters_form_is_read(saved):
