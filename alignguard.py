@@ -49,6 +49,8 @@ class LoRAConfig:
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if not self.targets:
+            raise ValueError("LoRAConfig.targets is empty: name the modules to adapt (e.g. 'q_proj') or 'all-linear'")
         if self.r < 1 or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRAConfig needs r >= 1 and 0 <= dropout < 1, got r={self.r}, dropout={self.dropout}")
         if self.init not in ("kaiming", "gaussian"):
@@ -196,11 +198,14 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     not a second adapter stacked on the first."""
     if lora_modules(model):
         raise ValueError(f"the model already has LoRA on {len(lora_modules(model))} modules; add_lora runs once")
-    found = find_targets(model, cfg.targets)
+    return _adapt(model, find_targets(model, cfg.targets), cfg)
+
+
+def _adapt(model: nn.Module, linears: dict[str, nn.Linear], cfg: LoRAConfig) -> list[str]:
     model.requires_grad_(False)
-    for name, lin in found.items():
+    for name, lin in linears.items():
         model.set_submodule(name, LoRALinear(lin, cfg))
-    return list(found)
+    return list(linears)
 
 
 def delta_weight(m: LoRALinear) -> torch.Tensor:
@@ -313,6 +318,7 @@ class FisherBasis:
     a: torch.Tensor  # (k_a,)
     n_tokens: int  # loss tokens Ā and Ḡ were averaged over
     w0_norm: float  # ||W0||_F at estimation: load_fisher refuses other weights with it
+    w0_probe: torch.Tensor | None = None  # weight_probe(W0) at estimation (4, 4), CPU: a fingerprint the norm is not
 
     def to(self, device, dtype=None) -> "FisherBasis":
         return replace(self, **{f: getattr(self, f).to(device, dtype) for f in ("U_g", "g", "U_a", "a")})
@@ -495,6 +501,16 @@ def eig_topk(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vecs[:, -k:].flip(1).contiguous(), vals[-k:].flip(0).clamp_min(0)  # PSD: a negative value is rounding
 
 
+def weight_probe(W: torch.Tensor) -> torch.Tensor:
+    """P = Uᵀ W V (4, 4) in fp32 on the CPU, for Gaussian U (d_out, 4), V (d_in, 4) drawn from seed 0: a
+    fingerprint of W. ||W||_F alone takes the same value for weights with permuted rows, and near it for
+    another random init of the same shape. Rounding W to bf16 moves P by about 1e-3 relative; other weights
+    move it by about √2."""
+    g = torch.Generator().manual_seed(0)
+    U, V = torch.randn(W.shape[0], 4, generator=g), torch.randn(W.shape[1], 4, generator=g)
+    return (U.to(W.device).T @ (W.float() @ V.to(W.device))).cpu()
+
+
 def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forward=None, generator=None,
                     targets=None) -> dict[str, FisherBasis]:
     """Per module, F ≈ Ḡ ⊗ Ā (kfac_factors) kept as top-k eigenpairs: Ḡ ≈ U_g diag(g) U_gᵀ,
@@ -506,7 +522,7 @@ def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forwa
     for n, (A_bar, G_bar, N) in factors.items():
         W = named[n].weight
         (U_g, g), (U_a, a) = eig_topk(G_bar, k), eig_topk(A_bar, k)
-        basis[n] = FisherBasis(U_g, g, U_a, a, N, W.float().norm().item()).to(W.device, _f32(W).dtype)
+        basis[n] = FisherBasis(U_g, g, U_a, a, N, W.float().norm().item(), weight_probe(W)).to(W.device, _f32(W).dtype)
     return basis
 
 
@@ -521,15 +537,28 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
+def _is_fisher_file(path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "alignguard_fisher" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
+
+
 def save_fisher(path, basis: dict[str, FisherBasis], meta: dict):
     """Safetensors `<module>.U_g`, `.g`, `.U_a`, `.a` plus a JSON header: per module its weight shape
-    (d_out, d_in), N and ||W0||_F, and the caller's meta, e.g. {"k": 32, "kind": "true", "data_hash": h},
-    so that load_fisher can refuse a basis made for another model, other weights or other data."""
+    (d_out, d_in), N, ||W0||_F and weight_probe(W0), and the caller's meta, e.g. {"k": 32, "kind": "true",
+    "data_hash": h}, so that load_fisher can refuse a basis made for another model, other weights or other
+    data. Replaces an earlier Fisher basis at `path`, never another file."""
+    if os.path.exists(path) and not _is_fisher_file(path):
+        raise FileExistsError(f"{path} exists and is not an AlignGuard Fisher basis; refusing to overwrite it")
     tensors, modules = {}, {}
     for n, fb in basis.items():
         for f in ("U_g", "g", "U_a", "a"):
             tensors[f"{n}.{f}"] = getattr(fb, f).detach().float().cpu().contiguous()
         modules[n] = {"shape": [fb.U_g.shape[0], fb.U_a.shape[0]], "n_tokens": fb.n_tokens, "w0_norm": fb.w0_norm}
+        if fb.w0_probe is not None:
+            modules[n]["w0_probe"] = fb.w0_probe.tolist()
     header = json.dumps({"modules": modules, "meta": meta}, sort_keys=True)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"alignguard_fisher": header}))
 
@@ -537,7 +566,8 @@ def save_fisher(path, basis: dict[str, FisherBasis], meta: dict):
 def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None) -> dict[str, FisherBasis]:
     """Inverse of save_fisher. ValueError naming the mismatch when a key of `expect` differs from the saved
     meta, or, given `model`: a module is missing or has another weight shape, its ||W0||_F differs by more
-    than 1e-3 relative (other weights), or the model's LoRA modules are not the basis's modules.
+    than 1e-3 relative or its weight_probe by more than 1e-2 relative (other weights), or the model's LoRA
+    modules are not the basis's modules.
     Tensors go to each module's device."""
     with safe_open(str(path), framework="pt") as f:
         header = (f.metadata() or {}).get("alignguard_fisher")
@@ -548,7 +578,8 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
     for key, want in (expect or {}).items():
         if info["meta"].get(key) != want:
             raise ValueError(f"{path}: the Fisher basis has {key}={info['meta'].get(key)!r}, expected {want!r}")
-    basis = {n: FisherBasis(*(tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a")), d["n_tokens"], d["w0_norm"])
+    basis = {n: FisherBasis(*(tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a")), d["n_tokens"], d["w0_norm"],
+                            torch.tensor(d["w0_probe"]) if "w0_probe" in d else None)
              for n, d in info["modules"].items()}
     if model is None:
         return basis
@@ -562,9 +593,12 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
         if list(m.weight.shape) != shape:
             raise ValueError(f"{path}: module {n!r} has weight shape {list(m.weight.shape)}, the basis {shape}")
         norm = m.weight.float().norm().item()
-        if abs(norm - fb.w0_norm) > 1e-3 * fb.w0_norm:
-            raise ValueError(f"{path}: module {n!r} has ||W0|| = {norm:.6g}, the basis was estimated at "
-                             f"{fb.w0_norm:.6g}: it was made for other weights")
+        probe_off = 0.0 if fb.w0_probe is None else ((weight_probe(m.weight) - fb.w0_probe).norm()
+                                                     / fb.w0_probe.norm().clamp_min(1e-30)).item()
+        if abs(norm - fb.w0_norm) > 1e-3 * fb.w0_norm or probe_off > 1e-2:
+            raise ValueError(f"{path}: module {n!r} has ||W0|| = {norm:.6g} and a weight probe {probe_off:.2g} "
+                             f"(relative) off the one the basis was estimated at (||W0|| = {fb.w0_norm:.6g}): it was "
+                             "made for other weights")
         basis[n] = fb.to(m.weight.device)
     return basis
 
@@ -828,10 +862,10 @@ def _peft_keys(mods: dict[str, LoRALinear]) -> dict[str, nn.Parameter]:
             for n, m in mods.items() for ab in "AB"}
 
 
-def _write_json(path, obj):
+def _write_text(path, text: str):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
     _atomic_write(path, write)
 
 
@@ -847,13 +881,12 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str, lora_c
     if bad:
         raise ValueError(f"lora_cfg (r={lora_cfg.r}, alpha={lora_cfg.alpha}, rslora={lora_cfg.rslora}) does not "
                          f"describe the adapters of {bad[:3]} (r={mods[bad[0]].r}, s={mods[bad[0]].scaling:g})")
-    os.makedirs(out_dir, exist_ok=True)
     existing = [f for f in ADAPTER_FILES if os.path.exists(os.path.join(out_dir, f))]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds an adapter ({', '.join(existing)}); pass overwrite=True")
     tensors = {key: p.detach().float().cpu().contiguous() for key, p in _peft_keys(mods).items()}
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model_name_or_path),
         "r": lora_cfg.r, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
         "use_rslora": lora_cfg.rslora, "target_modules": sorted({n.rpartition(".")[2] for n in mods}),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_dora": False,
@@ -861,26 +894,51 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str, lora_c
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
+    # both JSON texts first: meta that JSON cannot hold fails before anything is written
+    ours = json.dumps({"lora": asdict(lora_cfg), "adapted_modules": list(mods), "meta": meta or {}}, indent=2)
+    peft_config = json.dumps(config, indent=2)
+    os.makedirs(out_dir, exist_ok=True)
     _atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_json(os.path.join(out_dir, "alignguard.json"),
-                {"lora": asdict(lora_cfg), "adapted_modules": list(mods), "meta": meta or {}})
-    _write_json(os.path.join(out_dir, "adapter_config.json"), config)
+    _write_text(os.path.join(out_dir, "alignguard.json"), ours)
+    _write_text(os.path.join(out_dir, "adapter_config.json"), peft_config)
+
+
+# adapter_config.json fields that load_adapter reads or that do not change what the adapter computes. PEFT runs
+# something other than W0 + s·B·A when any other field is set (DoRA, bias, rank patterns, aLoRA, layer
+# replication, ...), so every other field must be off: None, False, {}, [] or "".
+_PEFT_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
+                "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+                "layers_pattern", "init_lora_weights", "bias", "auto_mapping", "peft_version", "megatron_core",
+                "qalora_group_size", "runtime_config", "eva_config"}
+# initialisations of A and B alone; PiSSA, OLoRA, CorDA and LoftQ also rewrite W0, which PEFT redoes on loading
+_PEFT_INITS = (True, False, "gaussian", "eva")
 
 
 def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     """Reads a LoRA adapter written by save_adapter or peft's save_pretrained into model. A model without
-    LoRA gets add_lora with the file's r, lora_alpha, lora_dropout, use_rslora on the module suffixes the
-    file names. Key sets, shapes and scaling are checked; errors name the file and the tensor. DoRA, bias
-    training and per-module rank/alpha patterns are refused. Returns the adapted module names."""
+    LoRA gets LoRA (the file's r, lora_alpha, lora_dropout, use_rslora) on exactly the modules the file
+    holds tensors for; a model with LoRA must have those modules, unmerged, at the file's scaling. The
+    config, the key set and the shapes are all checked before the model is changed, and errors name the file
+    and the field or tensor: on an error the model is as it was. Returns the adapted module names."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
     with open(cfg_path) as f:
         c = json.load(f)
-    for key, ok in {"peft_type": "LORA", "bias": "none", "use_dora": False, "fan_in_fan_out": False,
-                    "rank_pattern": {}, "alpha_pattern": {}}.items():
-        if (c.get(key) or ok) != ok:
-            raise ValueError(f"{cfg_path}: {key}={c[key]!r} is not supported (only {ok!r})")
+    if c.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: field 'peft_type' = {c.get('peft_type')!r}: only 'LORA' adapters are supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(c.get(key), (int, float)) or isinstance(c.get(key), bool):
+            raise ValueError(f"{cfg_path}: field {key!r} is missing or not a number")
+    if c.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_path}: field 'bias' = {c['bias']!r} is not supported (only 'none': no trained biases)")
+    if c.get("init_lora_weights", True) not in _PEFT_INITS:
+        raise ValueError(f"{cfg_path}: field 'init_lora_weights' = {c['init_lora_weights']!r} is not supported: PEFT "
+                         "rewrites W0 for it when loading, which this loader does not")
+    for key, value in c.items():
+        if key not in _PEFT_FIELDS and value not in (None, False, {}, [], ""):
+            raise ValueError(f"{cfg_path}: field {key!r} = {value!r} is not supported (PEFT would compute something "
+                             "other than W0 + s·B·A with it)")
     tensors = load_file(st_path)
     names = set()
     for key in tensors:
@@ -888,21 +946,34 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         if match is None:
             raise ValueError(f"{st_path}: tensor {key!r} is not base_model.model.<module>.lora_A|lora_B.weight")
         names.add(match[1])
+    if not names:
+        raise ValueError(f"{st_path}: holds no LoRA tensors")
     cfg = LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
                      rslora=bool(c.get("use_rslora")), targets=tuple(sorted({n.rpartition(".")[2] for n in names})))
-    if not lora_modules(model):
-        add_lora(model, cfg)
     mods = lora_modules(model)
-    if any(m.merged for m in mods.values()) or any(not math.isclose(m.scaling, cfg.scaling) for m in mods.values()):
-        raise ValueError(f"{cfg_path}: the model's LoRA modules are merged or their scaling is not s = {cfg.scaling:g}")
-    params = _peft_keys(mods)
-    missing, unknown = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+    if mods:
+        if any(m.merged for m in mods.values()) or any(not math.isclose(m.scaling, cfg.scaling) for m in mods.values()):
+            raise ValueError(f"{cfg_path}: the model's LoRA modules are merged or their scaling is not s = {cfg.scaling:g}")
+        targets = mods
+    else:
+        named = dict(model.named_modules())
+        not_linear = sorted(n for n in names if not isinstance(named.get(n), nn.Linear))
+        if not_linear:
+            raise ValueError(f"{st_path}: {not_linear[:3]} {'is' if len(not_linear) == 1 else 'are'} not nn.Linear "
+                             f"modules of the model ({len(not_linear)} of {len(names)})")
+        targets = {n: named[n] for n in sorted(names)}
+    shapes = {f"base_model.model.{n}.lora_{ab}.weight": shape for n, m in targets.items()
+              for ab, shape in (("A", (cfg.r, m.in_features)), ("B", (m.out_features, cfg.r)))}
+    missing, unknown = sorted(shapes.keys() - tensors.keys()), sorted(tensors.keys() - shapes.keys())
     if missing or unknown:
         raise ValueError(f"{st_path} does not match the model's LoRA modules: missing {missing}, unknown {unknown}")
-    for key, p in params.items():
-        if tensors[key].shape != p.shape:
-            raise ValueError(f"{st_path}: {key} has shape {list(tensors[key].shape)}, the model's {list(p.shape)}")
+    for key, shape in shapes.items():
+        if tensors[key].shape != shape:
+            raise ValueError(f"{st_path}: {key} has shape {list(tensors[key].shape)}, the model's {list(shape)}")
+    if not mods:
+        _adapt(model, targets, cfg)
+        mods = lora_modules(model)
     with torch.no_grad():
-        for key, p in params.items():
+        for key, p in _peft_keys(mods).items():
             p.copy_(tensors[key])
     return list(mods)

@@ -434,6 +434,25 @@ def test_save_load_fisher_refuses_a_basis_made_for_something_else(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an AlignGuard Fisher basis"):
         load_fisher(tmp_path / "other.safetensors")
+    # weights of the same norm, other values: up's rows in reverse order (||W0|| alone took them)
+    flipped = copy.deepcopy(base)
+    with torch.no_grad():
+        flipped.up.weight.copy_(flipped.up.weight.flip(0))
+    assert abs(flipped.up.weight.norm() - base.up.weight.norm()) < 1e-12
+    with pytest.raises(ValueError, match="'up' has .* weight probe .* other weights"):
+        load_fisher(path, flipped)
+    rounded = copy.deepcopy(base)  # the same weights rounded to bf16 (a --dtype bf16 run) are the same weights
+    with torch.no_grad():
+        for m in (rounded.up, rounded.down):
+            m.weight.copy_(m.weight.bfloat16().double())
+    load_fisher(path, rounded)
+    # a file is never replaced by a Fisher basis unless it is one
+    save_fisher(path, basis, {**meta, "k": 4})
+    assert load_fisher(path, base, expect={**meta, "k": 4})
+    before = (tmp_path / "other.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="not an AlignGuard Fisher basis; refusing to overwrite"):
+        save_fisher(tmp_path / "other.safetensors", basis, meta)
+    assert (tmp_path / "other.safetensors").read_bytes() == before
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -712,6 +731,91 @@ def test_save_and_load_adapter_round_trip(tmp_path):
         load_adapter(copy.deepcopy(base), out)
 
 
+def test_save_adapter_writes_nothing_when_meta_is_not_json(tmp_path):
+    model = mlp()
+    cfg = LoRAConfig(r=4, alpha=8.0, targets=("q_proj",))
+    add_lora(model, cfg)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_adapter(model, tmp_path / "a", "base", cfg, meta={"when": object()})
+    assert not (tmp_path / "a").exists()
+    save_adapter(model, tmp_path / "a", tmp_path / "base", cfg)  # a Path is written as its string
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tmp_path / "base")
+
+
+def test_lora_config_needs_targets():
+    with pytest.raises(ValueError, match="targets is empty"):
+        LoRAConfig(targets=())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("init_lora_weights", "pissa", "'init_lora_weights' = 'pissa' is not supported: PEFT rewrites W0"),
+    ("init_lora_weights", "olora", "'init_lora_weights' = 'olora' is not supported"),
+    ("alora_invocation_tokens", [3, 4], r"'alora_invocation_tokens' = \[3, 4\] is not supported"),
+    ("use_dora", True, "'use_dora' = True is not supported"),
+    ("rank_pattern", {"q_proj": 2}, "'rank_pattern' = {'q_proj': 2} is not supported"),
+    ("some_future_field", 1, "'some_future_field' = 1 is not supported"),
+    ("bias", "all", "'bias' = 'all' is not supported"),
+    ("peft_type", "IA3", "'peft_type' = 'IA3': only 'LORA'"),
+    ("r", None, "'r' is missing or not a number"),
+])
+def test_load_adapter_refuses_what_peft_would_compute_differently(tmp_path, field, value, message):
+    model, base = mlp(), mlp()
+    cfg = LoRAConfig(r=4, alpha=8.0, targets=("q_proj", "o_proj"))
+    add_lora(model, cfg)
+    save_adapter(model, tmp_path / "a", "base", cfg)
+    c = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    c[field] = value
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match=f"adapter_config.json: field {message}"):
+        load_adapter(base, tmp_path / "a")
+    assert not lora_modules(base)
+
+
+def test_load_adapter_adapts_exactly_the_modules_it_holds_and_changes_nothing_on_error(tmp_path):
+    """Suffixes would adapt every q_proj although the file holds one (PEFT's layers_to_transform writes such
+    files); an error after adapting left LoRA in the model, so that the next valid load failed too."""
+    base = nn.ModuleDict(OrderedDict(a=mlp(seed=0), b=mlp(seed=1)))  # two q_proj modules
+    model = copy.deepcopy(base)
+    cfg = LoRAConfig(r=2, alpha=4.0, targets=("q_proj",))
+    add_lora(model, cfg)
+    randomize_B(model)
+    tensors = {k: v for k, v in _peft_state(model).items() if ".a." in k}  # layer a only
+    out = tmp_path / "one"
+    save_adapter(model, out, "base", cfg)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, out) == ["a.q_proj"] and list(lora_modules(fresh)) == ["a.q_proj"]
+    x = torch.randn(3, 8)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.b.q_proj.lora_B.weight.zero_()
+        for part in ("a", "b"):
+            torch.testing.assert_close(fresh[part](x), ref[part](x), rtol=0, atol=0)
+
+    bad = dict(tensors)
+    bad["base_model.model.a.q_proj.lora_A.weight"] = torch.zeros(2, 7)
+    save_file(bad, str(out / "adapter_model.safetensors"))
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"a.q_proj.lora_A.weight has shape \[2, 7\]"):
+        load_adapter(fresh, out)
+    assert not lora_modules(fresh) and all(p.requires_grad for p in fresh.parameters())  # as it was
+    save_file({"base_model.model.a.act.lora_A.weight": torch.zeros(2, 8),
+               "base_model.model.a.act.lora_B.weight": torch.zeros(8, 2)}, str(out / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"\['a.act'\] is not nn.Linear"):
+        load_adapter(fresh, out)
+    save_file({}, str(out / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="holds no LoRA tensors"):
+        load_adapter(fresh, out)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    assert load_adapter(fresh, out) == ["a.q_proj"]  # the same model, after three failed loads
+
+
+def _peft_state(model):
+    return {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().clone()
+            for n, m in lora_modules(model).items() for ab in "AB"}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A tiny random transformers Llama, and PEFT
 
@@ -748,6 +852,32 @@ def test_peft_loads_our_adapter_with_the_same_logits(tmp_path, rslora):
     assert sorted(load_adapter(fresh, tmp_path / "by_peft")) == sorted(names)
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_peft_adapters_of_some_layers_load_and_pissa_ones_are_refused(tmp_path):
+    """PEFT's own files: layers_to_transform=[0] adapts layer 0's q_proj alone (same logits here); PiSSA trains
+    against a W0 that PEFT rewrites on loading, so the file alone does not give its model (refused)."""
+    peft = pytest.importorskip("peft")
+    base = tiny_hf_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    base.config.save_pretrained(str(tmp_path / "base"))
+    for name, kw in (("layer0", dict(layers_to_transform=[0], init_lora_weights="gaussian")),
+                     ("pissa", dict(init_lora_weights="pissa"))):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **kw))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        pm.save_pretrained(str(tmp_path / name))
+        fresh = copy.deepcopy(base)
+        if name == "pissa":
+            with pytest.raises(ValueError, match="'init_lora_weights' = 'pissa' is not supported"):
+                load_adapter(fresh, tmp_path / name)
+            assert not lora_modules(fresh)
+            continue
+        assert load_adapter(fresh, tmp_path / name) == ["model.layers.0.self_attn.q_proj"]
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(ids).logits, pm.eval()(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_alignguard_on_a_transformers_llama_trains():
