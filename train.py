@@ -84,9 +84,17 @@ class TrainConfig:
             raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.init and self.method != "full":
             raise ValueError("--init (random initialisation) needs --method full")
-        for name in ("batch_size", "grad_accum", "max_len", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_len", "log_every", "n_align", "fisher_batch") + \
+                (() if self.eval_task else ("eval_size",)):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "eval_every", "ckpt_every", "stop_after", "warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not self.epochs > 0:
+            raise ValueError(f"--epochs must be more than 0, got {self.epochs}")
+        if self.merge and self.method == "full":
+            raise ValueError("--merge merges a LoRA adapter; --method full writes the whole model to model/ already")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -255,8 +263,28 @@ class LossScaler:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# options --resume may change: they decide when to log, evaluate, checkpoint and stop, or where to run,
+# not what is trained; any other difference from the checkpoint's run is refused
+RESUMABLE = {"resume", "stop_after", "log_every", "eval_every", "ckpt_every", "device", "fisher_cache", "merge",
+             "grad_checkpoint", "compile_rm", "rm_chunk"}
+
+
+def check_resume(ck: Path, saved: dict | None, run: dict):
+    """Refuses to continue a run with other options or data than it was started with, naming what differs."""
+    if saved is None:  # a checkpoint from before runs were recorded
+        return
+    flag = {"lora": "--lora-"}  # the CLI's prefix for LoRAConfig's fields
+    diff = [f"{flag.get(part, '--')}{k.replace('_', '-')}: {saved.get(part, {}).get(k)!r} -> {v!r}" if part != "data"
+            else f"{k} changed"
+            for part in run for k, v in run[part].items()
+            if k not in RESUMABLE and saved.get(part, {}).get(k) != v]
+    if diff:
+        raise ValueError(f"{ck}: --resume with other options or data than the run it holds ({'; '.join(diff)}); "
+                         "resume with the same ones, or start a new run in another --out")
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, scaler: LossScaler, extra: dict):
-    """Trainable tensors (safetensors), optimizer + RNG state (torch), step/scaler/metrics (JSON)."""
+    """Trainable tensors (safetensors), optimizer + RNG state (torch), step/scaler/metrics and the run (JSON)."""
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -268,18 +296,28 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler: LossScaler, 
     atomic_dir(out / "checkpoint", write)
 
 
-def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
+def checkpoint_dir(out: Path) -> Path:
+    """out/checkpoint, or checkpoint.old when the run stopped in the middle of a checkpoint swap."""
     ck = out / "checkpoint"
     if not (ck / "state.json").exists() and (out / "checkpoint.old" / "state.json").exists():
-        ck = out / "checkpoint.old"  # the run stopped in the middle of a checkpoint swap
+        ck = out / "checkpoint.old"
     if not (ck / "state.json").exists():
         raise ValueError(f"{out}: --resume given but there is no checkpoint/ to resume from")
+    return ck
+
+
+def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
+    ck = checkpoint_dir(out)
     state = json.loads((ck / "state.json").read_text())
     tensors = load_file(str(ck / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         raise ValueError(f"{ck}/trainable.safetensors: its tensors do not match this run's trainable parameters "
                          f"(missing {sorted(set(params) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(params))[:5]})")
+    wrong = [n for n, p in params.items() if tensors[n].shape != p.shape]
+    if wrong:
+        raise ValueError(f"{ck}/trainable.safetensors: {wrong[0]} has shape {list(tensors[wrong[0]].shape)}, this run's "
+                         f"{list(params[wrong[0]].shape)}")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
@@ -306,6 +344,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: this torch build or machine has no CUDA device")
         torch.cuda.set_device(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = DTYPES[cfg.dtype]
@@ -314,6 +354,9 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     torch.manual_seed(cfg.seed)  # the same initialisation (LoRA A, --init) on every process
 
     out = Path(cfg.out)
+    for flag, path in (("--out", out), ("--fisher-cache", Path(cfg.fisher_cache) if cfg.fisher_cache else None)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path}: is a file, not a directory")
     if master and not cfg.resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output directory exists and is not empty; choose another --out, "
                          f"or pass --resume to continue the run it holds")
@@ -333,6 +376,14 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         order = torch.randperm(len(task), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         heldout = [task[i] for i in order[:cfg.eval_size]]
         task = [task[i] for i in order[cfg.eval_size:]]
+    # what this run is: a resume must continue the same one (check_resume); data files by content
+    run = {"train": asdict(cfg), "lora": asdict(lora), "alignguard": asdict(agc),
+           "data": {f: file_digest([f]) for f in (cfg.task, cfg.eval_task) if f}}
+    if cfg.method in ("alignguard", "ewc") and Path(cfg.align).is_file():  # a missing one: read_align names it
+        run["data"][cfg.align] = file_digest([cfg.align])
+    if cfg.resume:  # before the model is loaded or anything is written
+        ck = checkpoint_dir(out)
+        check_resume(ck, json.loads((ck / "state.json").read_text()).get("run"), json.loads(json.dumps(run)))
     per_step = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step, all processes
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(task) / per_step))
 
@@ -453,7 +504,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     while step < total_steps:
         if cfg.stop_after and step - first_step == cfg.stop_after:
             if master:
-                save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen})
+                save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen, "run": run})
                 print(f"\nstopped after {cfg.stop_after} steps at step {step}; continue with --resume", file=sys.stderr)
             if ddp:
                 dist.barrier()
@@ -465,7 +516,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
             last["eval_loss"] = evaluate()
         if master and cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > 0:
-            save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen})
+            save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen, "run": run})
         # dropout noise depends on the step only, so a resumed run draws the same masks
         torch.manual_seed(cfg.seed + rank + 7919 * step)
 
@@ -537,7 +588,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                "config": asdict(cfg), "lora": asdict(lora), "alignguard": asdict(agc)}
     if master:
         print(file=sys.stderr)
-        save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": final_eval, "tokens": tokens_seen})
+        save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": final_eval, "tokens": tokens_seen, "run": run})
         if cfg.method == "full":
             save_model(model, out / "model", tokenizer_from=Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0],
                        overwrite=True)
@@ -639,7 +690,7 @@ def main(argv=None):
             return demo()
         cfg, lora, agc = parse_args(argv)
         return train(cfg, lora, agc)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, unreadable or unwritable files
         print(f"\nerror: {e}", file=sys.stderr)
         raise SystemExit(1)
 

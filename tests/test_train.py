@@ -3,6 +3,7 @@ failures, on the tiny checkpoint of conftest.py."""
 
 import argparse
 import json
+import re
 import math
 import os
 import shutil
@@ -118,6 +119,54 @@ def test_resume_is_bit_exact(tiny_ckpt, task_file, align_file, tmp_path):
 
     assert [r["step"] for r in rows("b")] == [1, 2, 3, 4, 5, 6]
     assert rows("a") == rows("b")
+
+
+def test_resume_refuses_other_options_or_data_and_a_missing_checkpoint(tiny_ckpt, task_file, align_file, tmp_path,
+                                                                        capsys):
+    """A resumed run continues the one in --out: another method, lr, rank, seed or task file would have mixed two
+    runs into one adapter (accepted before, or a shape traceback for another rank)."""
+    out = tmp_path / "o"
+    run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", "--stop-after", "2")
+    before = sorted(p.name for p in out.iterdir())
+    other_task = tmp_path / "other.jsonl"
+    other_task.write_text(task_file.read_text().replace("great", "fine"))
+    for change, message in ((["--method", "l2"], "--method: 'lora' -> 'l2'"), (["--lr", "1e-3"], "--lr: 0.01 -> 0.001"),
+                            (["--lora-r", "4"], "--lora-r: 8 -> 4"), (["--steps", "6"], "--steps: 4 -> 6"),
+                            (["--task", str(other_task)], f"{other_task} changed")):
+        with pytest.raises(SystemExit):
+            run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", *change, "--resume")
+        err = capsys.readouterr().err
+        assert "--resume with other options or data than the run it holds" in err and message in err, err
+        assert sorted(p.name for p in out.iterdir()) == before
+    # what only decides when to log, evaluate or stop may change
+    run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", "--log-every", "2", "--resume")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    # no checkpoint: refused before the Fisher is estimated or anything is written
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, tmp_path / "empty", "--steps", "2", "--resume")
+    assert "there is no checkpoint/ to resume from" in capsys.readouterr().err
+    assert not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--eval-size", "0"], "--eval-size must be at least 1, got 0"),
+    (["--fisher-batch", "0"], "--fisher-batch must be at least 1"),
+    (["--n-align", "0"], "--n-align must be at least 1"),
+    (["--steps", "-3"], "--steps must be 0 or more, got -3"),
+    (["--epochs", "0"], "--epochs must be more than 0"),
+    (["--merge", "--method", "full"], "--merge merges a LoRA adapter"),
+    (["--out", "FILE"], "is a file, not a directory"),
+    (["--fisher-cache", "FILE"], "--fisher-cache .* is a file, not a directory"),
+])
+def test_bad_options_are_named(tiny_ckpt, task_file, align_file, tmp_path, capsys, option, message):
+    (tmp_path / "file").write_text("mine")
+    option = [str(tmp_path / "file") if o == "FILE" else o for o in option]
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, tmp_path / "o", *option)
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "o").exists()
 
 
 def test_bf16_on_cpu_trains(tiny_ckpt, task_file, align_file, tmp_path):
@@ -327,7 +376,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, tas
     assert not (out / "adapter").exists()
 
 
-def test_disk_error_while_saving_keeps_the_previous_checkpoint(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch):
+def test_disk_error_while_saving_keeps_the_previous_checkpoint(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch,
+                                                              capsys):
     out = tmp_path / "o"
     real, calls = train.save_file, {"n": 0}
 
@@ -339,8 +389,9 @@ def test_disk_error_while_saving_keeps_the_previous_checkpoint(tiny_ckpt, task_f
         return real(tensors, path, *a, **kw)
 
     monkeypatch.setattr(train, "save_file", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit):  # the CLI prints "error: [Errno 28] No space left on device", no traceback
         run(tiny_ckpt, task_file, align_file, out, "--steps", "6", "--ckpt-every", "2", "--method", "lora")
+    assert "error: [Errno 28] No space left on device" in capsys.readouterr().err
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
     load_file(str(out / "checkpoint" / "trainable.safetensors"))  # intact
