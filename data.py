@@ -22,6 +22,7 @@ Conventions used by the whole project:
 import argparse
 import csv
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -362,7 +363,7 @@ def _read_jsonl(path):
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError:
                 raise ValueError(f"{path}, line {n}: not valid UTF-8") from None
             if not line.strip():
@@ -387,12 +388,17 @@ def _text(path, n, row, field):
         raise ValueError(f"{path}, line {n}, field '{field}': expected a string, got {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{path}, line {n}, field '{field}': empty string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes give lone surrogates, which no tokenizer takes
+        raise ValueError(f"{path}, line {n}, field '{field}': invalid Unicode at character {e.start} "
+                         f"({value[e.start]!r}, a lone surrogate)") from None
     return value
 
 
 def _sst2_label(path, n, row):
     label = row.get("label")
-    if isinstance(label, bool) or label not in (0, 1):
+    if type(label) is not int or label not in (0, 1):  # not True (a bool) nor 1.0 (a float): the integer itself
         hint = " (GLUE's test split has no labels)" if label == -1 else ""
         raise ValueError(f"{path}, line {n}, field 'label': expected 0 or 1, got {label!r}{hint}")
     return label
@@ -467,33 +473,48 @@ def read_prompts_csv(path, column="prompt", label=None, label_column=None, categ
     if label is not None and label not in ("safe", "unsafe"):
         raise ValueError(f"{path}: label must be 'safe' or 'unsafe', got {label!r}")
     default_category = os.path.splitext(os.path.basename(path))[0]
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark may open the file
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8") from None
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long prompts: the default limit is 131,072 characters
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if str(path).endswith(".tsv") else ",",
+                        strict=True)  # an unclosed quote is an error, not the rest of the file in one prompt
+    rows, start = [], 1  # (line the row starts on, its fields); blank lines give [] and are skipped
+    try:
+        for fields in reader:
+            if fields:
+                rows.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}, line {start}: not valid CSV ({e})") from None
+    columns = rows[0][1] if rows else []
+    for want in (column, label_column, category_column):
+        if want is not None and want not in columns:
+            raise ValueError(f"{path}, line 1: no column '{want}'; the columns are: "
+                             f"{', '.join(columns) or 'none (empty file)'}")
     items = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if str(path).endswith(".tsv") else ",")
-        columns = reader.fieldnames or []
-        for want in (column, label_column, category_column):
-            if want is not None and want not in columns:
-                raise ValueError(f"{path}, line 1: no column '{want}'; the columns are: "
-                                 f"{', '.join(columns) or 'none (empty file)'}")
-        line = reader.line_num  # rows are numbered by the line they start on
-        for row in reader:
-            n, line = line + 1, reader.line_num
-            prompt = row.get(column)
-            if not prompt or not prompt.strip():
-                raise ValueError(f"{path}, line {n}, column '{column}': empty prompt")
-            row_label = label
-            if label_column is not None:
-                value = (row.get(label_column) or "").strip().lower()
-                if value not in CSV_LABELS:
-                    raise ValueError(f"{path}, line {n}, column '{label_column}': unknown label "
-                                     f"{row.get(label_column)!r}; accepted: {', '.join(CSV_LABELS)}")
-                row_label = CSV_LABELS[value]
-            category = default_category
-            if category_column is not None:
-                category = (row.get(category_column) or "").strip()
-                if not category:
-                    raise ValueError(f"{path}, line {n}, column '{category_column}': empty category")
-            items.append({"prompt": prompt, "label": row_label, "category": category})
+    for n, fields in rows[1:]:
+        row = dict(zip(columns, fields))  # a short row lacks its last columns
+        prompt = row.get(column)
+        if not prompt or not prompt.strip():
+            raise ValueError(f"{path}, line {n}, column '{column}': empty prompt")
+        row_label = label
+        if label_column is not None:
+            value = (row.get(label_column) or "").strip().lower()
+            if value not in CSV_LABELS:
+                raise ValueError(f"{path}, line {n}, column '{label_column}': unknown label "
+                                 f"{row.get(label_column)!r}; accepted: {', '.join(CSV_LABELS)}")
+            row_label = CSV_LABELS[value]
+        category = default_category
+        if category_column is not None:
+            category = (row.get(category_column) or "").strip()
+            if not category:
+                raise ValueError(f"{path}, line {n}, column '{category_column}': empty category")
+        items.append({"prompt": prompt, "label": row_label, "category": category})
     if not items:
         raise ValueError(f"{path}: empty file, expected a header line and one prompt per row")
     return items
@@ -527,10 +548,23 @@ def write_jsonl(path, rows, force=False):
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), force)
 
 
+def _decoded_lines(path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark dropped); a line that is not UTF-8 is a ValueError
+    naming the file and the line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.splitlines()
+    for n, raw in enumerate(lines, 1):
+        try:
+            lines[n - 1] = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+    return lines
+
+
 def sst2_tsv_to_jsonl(in_path, out_path, force=False):
     """GLUE SST-2 train.tsv/dev.tsv (header sentence<TAB>label) to {"sentence", "label"} jsonl."""
-    with open(in_path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = _decoded_lines(in_path)
     if not lines:
         raise ValueError(f"{in_path}: empty file, expected the header 'sentence<TAB>label'")
     header = lines[0].split("\t")

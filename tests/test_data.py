@@ -331,6 +331,10 @@ BAD_JSONL = [  # (reader, file content, text the error must contain besides the 
     (data.read_task, '{"sentence": "s", "label": -1}\n', "test split has no labels"),
     (data.read_task, '{"sentence": "s", "label": true}\n', "line 1, field 'label'"),
     (data.read_task, '{"response": "s"}\n', "line 1: missing field 'prompt'"),
+    (data.read_task, '{"sentence": "s", "label": 1.0}\n', "line 1, field 'label': expected 0 or 1, got 1.0"),  # was a TypeError
+    (data.read_mc, '{"sentence": "s", "label": 0.0}\n', "line 1, field 'label': expected 0 or 1, got 0.0"),
+    (data.read_task, '{"prompt": "a\\ud800b", "response": "r"}\n',  # a lone surrogate: the tokenizer's TypeError before
+     "line 1, field 'prompt': invalid Unicode at character 1"),
     (data.read_mc, '{"prompt": "p", "choices": ["a"], "answer": 0}\n', "line 1, field 'choices'"),
     (data.read_mc, '{"prompt": "p", "choices": ["a", "b"], "answer": 2}\n', "line 1, field 'answer'"),
     (data.read_mc, '{"sentence": "s", "label": "1"}\n', "line 1, field 'label'"),
@@ -353,6 +357,37 @@ def test_jsonl_invalid_utf8(tmp_path):
     path.write_bytes(b'{"prompt": "p", "response": "r"}\n\xff\n')
     with pytest.raises(ValueError, match="line 2: not valid UTF-8"):
         data.read_task(str(path))
+
+
+def test_a_byte_order_mark_is_read_by_every_reader(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "t.jsonl").write_bytes(bom + b'{"prompt": "p", "response": "r"}\n')
+    assert data.read_task(str(tmp_path / "t.jsonl")) == [("p", "r")]
+    (tmp_path / "p.csv").write_bytes(bom + b"prompt\nhello\n")
+    assert data.read_prompts_csv(str(tmp_path / "p.csv"), label="safe")[0]["prompt"] == "hello"
+    (tmp_path / "dev.tsv").write_bytes(bom + b"sentence\tlabel\ngood\t1\n")
+    assert data.sst2_tsv_to_jsonl(str(tmp_path / "dev.tsv"), str(tmp_path / "o.jsonl")) == 1
+
+
+def test_encoding_errors_name_the_file_and_line(tmp_path):
+    (tmp_path / "p.csv").write_bytes(b"prompt\nhello\ncaf\xe9\n")  # Latin-1
+    with pytest.raises(ValueError, match=r"p.csv, line 3: not valid UTF-8"):
+        data.read_prompts_csv(str(tmp_path / "p.csv"), label="safe")
+    (tmp_path / "dev.tsv").write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9\t0\n")
+    with pytest.raises(ValueError, match=r"dev.tsv, line 3: not valid UTF-8"):
+        data.sst2_tsv_to_jsonl(str(tmp_path / "dev.tsv"), str(tmp_path / "o.jsonl"))
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_csv_line_numbers_count_blank_lines_and_long_fields_are_read(tmp_path):
+    path = write(tmp_path / "p.csv", "prompt,label\nhello,unsafe\n\nbye,\n")
+    with pytest.raises(ValueError, match=r"p.csv, line 4, column 'label': unknown label ''"):  # said line 3
+        data.read_prompts_csv(path, label_column="label")
+    long = "x" * 200_000  # over csv's default field limit of 131,072 characters (a _csv.Error traceback)
+    path = write(tmp_path / "long.csv", f"prompt\n{long}\n")
+    assert data.read_prompts_csv(path, label="unsafe")[0]["prompt"] == long
+    with pytest.raises(ValueError, match=r"bad.csv, line 2: not valid CSV"):
+        data.read_prompts_csv(write(tmp_path / "bad.csv", 'prompt\n"open quote\n'), label="unsafe")
 
 
 def test_read_prompts_csv(tmp_path):
