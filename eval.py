@@ -1,8 +1,9 @@
 """Measure alignment drift, task skill and forgetting of LoRA adapters against their aligned base.
 
+    python data.py driftcheck --out driftcheck.jsonl
     python eval.py --ckpt data/demo --adapter runs/sst2/adapter --adapter runs/sst2-lora/adapter \
-        --driftcheck data/driftcheck.jsonl --task-dev data/sst2-dev.jsonl --heldout data/heldout.jsonl \
-        --align data/align-heldout.jsonl --limit 400 --out runs/report
+        --driftcheck driftcheck.jsonl --task-dev data/sst2_dev.jsonl --heldout data/general_heldout.jsonl \
+        --align data/align_heldout.jsonl --limit 400 --out runs/report
     python eval.py --ckpt DIR --csv harmful.csv --csv-column goal --csv-label unsafe --out runs/harmful
     python -m pytest tests/test_eval.py -q
 
@@ -681,10 +682,14 @@ def run(cfg: EvalConfig, judge=None, toxicity=None) -> dict:
     names = [a.parent.name if a.name == "adapter" else a.name for a in adapters]
     if len(set(names)) < len(names):
         names = [str(a) for a in adapters]
+    infos = []
+    for a in adapters:  # each adapter is read, and must fit the base, before the base's minutes of scoring
+        infos.append(adapter_info(a))
+        load_adapter(model, a)  # on an error it leaves the model as it was
+        remove_lora(model)
     with autocast:
         results = [evaluate_model(model, tok, "base", cfg, **data, judge=judge, toxicity=toxicity)]
-        for i, (a, name) in enumerate(zip(adapters, names)):
-            method, size = adapter_info(a)
+        for i, (a, name, (method, size)) in enumerate(zip(adapters, names, infos)):
             try:
                 load_adapter(model, a)
                 results.append(evaluate_model(model, tok, name, cfg, **data, base=disable_lora, adapter=str(a),

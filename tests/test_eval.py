@@ -12,6 +12,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import eval as ev
 from alignguard import LoRAConfig, add_lora, disable_lora, load_adapter, lora_modules, remove_lora, save_adapter
@@ -479,6 +480,23 @@ def test_cli_writes_the_report_and_refuses_to_overwrite(tiny_ckpt, align_file, t
     assert (md.read_text(), js.read_text()) == before
     ev.main(argv + ["--force"])
     assert json.loads(js.read_text())["models"][1]["driftcheck"]["rows"] == lora["driftcheck"]["rows"]  # deterministic
+
+
+def test_an_adapter_that_does_not_fit_is_refused_before_the_base_is_scored(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    dc = write_jsonl(tmp_path / "dc.jsonl", driftcheck_rows())
+    good = make_adapter(tiny_ckpt, tmp_path / "good" / "adapter", LoRAConfig(r=2, targets=("q_proj",)), "lora", 0)
+    bad = make_adapter(tiny_ckpt, tmp_path / "bad" / "adapter", LoRAConfig(r=2, targets=("q_proj",)), "lora", 0)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(2, 7)  # made for another base
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    scored = []
+    monkeypatch.setattr(ev, "evaluate_model", lambda model, tok, name, *a, **kw: scored.append(name))
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", str(tiny_ckpt), "--adapter", str(good), "--adapter", str(bad), "--driftcheck", str(dc),
+                 "--out", str(tmp_path / "rep"), "--no-progress"])
+    assert f"{key} has shape [2, 7]" in capsys.readouterr().err
+    assert scored == []  # it was the base's whole DRIFTCHECK run first
 
 
 def test_load_eval_data_reads_csv_prompt_sets(tmp_path):
