@@ -911,8 +911,9 @@ _PEFT_FIELDS = {"peft_type", "task_type", "base_model_name_or_path", "revision",
                 "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
                 "layers_pattern", "init_lora_weights", "bias", "auto_mapping", "peft_version", "megatron_core",
                 "qalora_group_size", "runtime_config", "eva_config"}
-# initialisations of A and B alone; PiSSA, OLoRA, CorDA and LoftQ also rewrite W0, which PEFT redoes on loading
-_PEFT_INITS = (True, False, "gaussian", "eva")
+# initialisations of A and B alone; PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA also rewrite W0, which PEFT redoes on
+# loading
+_PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
@@ -962,8 +963,8 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
             raise ValueError(f"{st_path}: {not_linear[:3]} {'is' if len(not_linear) == 1 else 'are'} not nn.Linear "
                              f"modules of the model ({len(not_linear)} of {len(names)})")
         targets = {n: named[n] for n in sorted(names)}
-    shapes = {f"base_model.model.{n}.lora_{ab}.weight": shape for n, m in targets.items()
-              for ab, shape in (("A", (cfg.r, m.in_features)), ("B", (m.out_features, cfg.r)))}
+    shapes = {f"base_model.model.{n}.lora_{ab}.weight": shape for n, m in targets.items()  # the model's rank if adapted
+              for r in [m.r if mods else cfg.r] for ab, shape in (("A", (r, m.in_features)), ("B", (m.out_features, r)))}
     missing, unknown = sorted(shapes.keys() - tensors.keys()), sorted(tensors.keys() - shapes.keys())
     if missing or unknown:
         raise ValueError(f"{st_path} does not match the model's LoRA modules: missing {missing}, unknown {unknown}")

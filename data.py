@@ -481,16 +481,26 @@ def read_prompts_csv(path, column="prompt", label=None, label_column=None, categ
         line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}, line {line}: not valid UTF-8") from None
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long prompts: the default limit is 131,072 characters
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if str(path).endswith(".tsv") else ",",
-                        strict=True)  # an unclosed quote is an error, not the rest of the file in one prompt
-    rows, start = [], 1  # (line the row starts on, its fields); blank lines give [] and are skipped
-    try:
-        for fields in reader:
-            if fields:
-                rows.append((start, fields))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise ValueError(f"{path}, line {start}: not valid CSV ({e})") from None
+    delimiter = "\t" if str(path).endswith(".tsv") else ","
+
+    def parse(strict):  # [(line the row starts on, its fields)]; blank lines give [] and are skipped
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=strict)
+        rows, start = [], 1
+        try:
+            for fields in reader:
+                if fields:
+                    rows.append((start, fields))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {start}: not valid CSV ({e})") from None
+        return rows
+
+    try:  # strict finds an unclosed quote, which would otherwise take the rest of the file as one prompt
+        rows = parse(strict=True)
+    except ValueError as e:
+        if "unexpected end of data" in str(e):
+            raise ValueError(f"{e}: a quoted field is never closed") from None
+        rows = parse(strict=False)  # what else strict refuses (text after a closing quote) is read as csv does
     columns = rows[0][1] if rows else []
     for want in (column, label_column, category_column):
         if want is not None and want not in columns:

@@ -562,8 +562,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
         eos_ids = []
     elif isinstance(eos_ids, torch.Tensor):
         eos_ids = eos_ids.flatten().tolist()
-    elif isinstance(eos_ids, int):
-        eos_ids = [eos_ids]
+    elif not isinstance(eos_ids, (list, tuple, set, frozenset)):  # one id: an int, a numpy integer
+        eos_ids = [int(eos_ids)]
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
     # prefill: causal mask over the prompt, pad keys hidden; a pad query may see itself so that

@@ -205,12 +205,14 @@ def example_order(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def file_digest(paths) -> str:
-    """sha256 of the given files' names, sizes and contents (the Fisher cache key)."""
+def file_digest(paths, names: bool = True) -> str:
+    """sha256 of the given files' names, sizes and contents (the Fisher cache key); of their contents alone
+    with names=False (a resumed run's data, wherever it now lies)."""
     h = hashlib.sha256()
     for p in paths:
         p = Path(p)
-        h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+        if names:
+            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
@@ -265,8 +267,10 @@ class LossScaler:
 
 # options --resume may change: they decide when to log, evaluate, checkpoint and stop, or where to run,
 # not what is trained; any other difference from the checkpoint's run is refused
-RESUMABLE = {"resume", "stop_after", "log_every", "eval_every", "ckpt_every", "device", "fisher_cache", "merge",
-             "grad_checkpoint", "compile_rm", "rm_chunk"}
+# not what is trained; any other difference from the checkpoint's run is refused. The data files are compared
+# by content (the run's "data" digests), not by how their paths are spelled.
+RESUMABLE = {"resume", "out", "stop_after", "log_every", "eval_every", "ckpt_every", "device", "fisher_cache", "merge",
+             "grad_checkpoint", "compile_rm", "rm_chunk", "task", "eval_task", "align"}
 
 
 def check_resume(ck: Path, saved: dict | None, run: dict):
@@ -275,9 +279,9 @@ def check_resume(ck: Path, saved: dict | None, run: dict):
         return
     flag = {"lora": "--lora-"}  # the CLI's prefix for LoRAConfig's fields
     diff = [f"{flag.get(part, '--')}{k.replace('_', '-')}: {saved.get(part, {}).get(k)!r} -> {v!r}" if part != "data"
-            else f"{k} changed"
+            else f"the content of --{k.replace('_', '-')}"
             for part in run for k, v in run[part].items()
-            if k not in RESUMABLE and saved.get(part, {}).get(k) != v]
+            if (part == "data" or k not in RESUMABLE) and saved.get(part, {}).get(k) != v]
     if diff:
         raise ValueError(f"{ck}: --resume with other options or data than the run it holds ({'; '.join(diff)}); "
                          "resume with the same ones, or start a new run in another --out")
@@ -377,10 +381,14 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         heldout = [task[i] for i in order[:cfg.eval_size]]
         task = [task[i] for i in order[cfg.eval_size:]]
     # what this run is: a resume must continue the same one (check_resume); data files by content
-    run = {"train": asdict(cfg), "lora": asdict(lora), "alignguard": asdict(agc),
-           "data": {f: file_digest([f]) for f in (cfg.task, cfg.eval_task) if f}}
+    paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("ckpt", "init") if getattr(cfg, k)}  # however spelled
+    run = {"train": {**asdict(cfg), **paths},
+           "lora": {**asdict(lora), "targets": sorted(lora.targets)},  # a set: their order changes nothing
+           "alignguard": asdict(agc),
+           "data": {role: file_digest([f], names=False) for role, f in (("task", cfg.task), ("eval_task", cfg.eval_task))
+                    if f}}
     if cfg.method in ("alignguard", "ewc") and Path(cfg.align).is_file():  # a missing one: read_align names it
-        run["data"][cfg.align] = file_digest([cfg.align])
+        run["data"]["align"] = file_digest([cfg.align], names=False)
     if cfg.resume:  # before the model is loaded or anything is written
         ck = checkpoint_dir(out)
         check_resume(ck, json.loads((ck / "state.json").read_text()).get("run"), json.loads(json.dumps(run)))

@@ -809,6 +809,10 @@ def test_load_adapter_adapts_exactly_the_modules_it_holds_and_changes_nothing_on
         load_adapter(fresh, out)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     assert load_adapter(fresh, out) == ["a.q_proj"]  # the same model, after three failed loads
+    other_rank = copy.deepcopy(base)  # LoRA of rank 4 at the same scaling s = 2: the file's rank-2 tensors do not fit
+    add_lora(other_rank, LoRAConfig(r=4, alpha=8.0, targets=("q_proj",)))
+    with pytest.raises(ValueError, match=r"missing .*b.q_proj|has shape \[2, 8\], the model's \[4, 8\]"):
+        load_adapter(other_rank, out)
 
 
 def _peft_state(model):
@@ -862,6 +866,7 @@ def test_peft_adapters_of_some_layers_load_and_pissa_ones_are_refused(tmp_path):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     base.config.save_pretrained(str(tmp_path / "base"))
     for name, kw in (("layer0", dict(layers_to_transform=[0], init_lora_weights="gaussian")),
+                     ("orthogonal", dict(init_lora_weights="orthogonal")),  # initialises A and B only: loads
                      ("pissa", dict(init_lora_weights="pissa"))):
         pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **kw))
         with torch.no_grad():
@@ -875,7 +880,9 @@ def test_peft_adapters_of_some_layers_load_and_pissa_ones_are_refused(tmp_path):
                 load_adapter(fresh, tmp_path / name)
             assert not lora_modules(fresh)
             continue
-        assert load_adapter(fresh, tmp_path / name) == ["model.layers.0.self_attn.q_proj"]
+        names = load_adapter(fresh, tmp_path / name)
+        assert names == (["model.layers.0.self_attn.q_proj"] if name == "layer0" else
+                         [f"model.layers.{i}.self_attn.q_proj" for i in range(2)])
         with torch.no_grad():
             torch.testing.assert_close(fresh(ids).logits, pm.eval()(ids).logits, rtol=0, atol=1e-5)
 

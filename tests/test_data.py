@@ -386,8 +386,12 @@ def test_csv_line_numbers_count_blank_lines_and_long_fields_are_read(tmp_path):
     long = "x" * 200_000  # over csv's default field limit of 131,072 characters (a _csv.Error traceback)
     path = write(tmp_path / "long.csv", f"prompt\n{long}\n")
     assert data.read_prompts_csv(path, label="unsafe")[0]["prompt"] == long
-    with pytest.raises(ValueError, match=r"bad.csv, line 2: not valid CSV"):
-        data.read_prompts_csv(write(tmp_path / "bad.csv", 'prompt\n"open quote\n'), label="unsafe")
+    with pytest.raises(ValueError, match=r"bad.csv, line 3: not valid CSV .*a quoted field is never closed"):
+        data.read_prompts_csv(write(tmp_path / "bad.csv", 'prompt\nfine\n"open quote\nmore\n'), label="unsafe")
+    # what csv reads without strict (as csv.DictReader did) is still read: text after a closing quote, stray quotes
+    loose = write(tmp_path / "loose.csv", 'prompt,label\n"how do i" x,unsafe\n5" screen,safe\n')
+    assert [(i["prompt"], i["label"]) for i in data.read_prompts_csv(loose, label_column="label")] == [
+        ("how do i x", "unsafe"), ('5" screen', "safe")]
 
 
 def test_read_prompts_csv(tmp_path):

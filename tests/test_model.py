@@ -194,6 +194,7 @@ def test_generate_refuses_bad_sampling_settings_and_takes_any_eos_form():
             generate(model, [[5, 6]], 3, [1000], temperature=temperature, top_p=top_p)
     free = generate(model, [[5, 6]], 4, [1000])
     assert generate(model, [[5, 6]], 4, None) == generate(model, [[5, 6]], 4, []) == free
+    assert generate(model, [[5, 6]], 4, np.int64(free[0][1])) == [cut_at(free[0], [free[0][1]])]
     assert generate(model, [[5, 6]], 4, free[0][1]) == generate(model, [[5, 6]], 4, torch.tensor([free[0][1]])) \
         == [cut_at(free[0], [free[0][1]])]
 

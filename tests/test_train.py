@@ -122,24 +122,27 @@ def test_resume_is_bit_exact(tiny_ckpt, task_file, align_file, tmp_path):
 
 
 def test_resume_refuses_other_options_or_data_and_a_missing_checkpoint(tiny_ckpt, task_file, align_file, tmp_path,
-                                                                        capsys):
+                                                                        capsys, monkeypatch):
     """A resumed run continues the one in --out: another method, lr, rank, seed or task file would have mixed two
     runs into one adapter (accepted before, or a shape traceback for another rank)."""
     out = tmp_path / "o"
     run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", "--stop-after", "2")
     before = sorted(p.name for p in out.iterdir())
     other_task = tmp_path / "other.jsonl"
-    other_task.write_text(task_file.read_text().replace("great", "fine"))
+    other_task.write_text(task_file.read_text() + task_file.read_text().splitlines()[0] + "\n")  # one row more
     for change, message in ((["--method", "l2"], "--method: 'lora' -> 'l2'"), (["--lr", "1e-3"], "--lr: 0.01 -> 0.001"),
                             (["--lora-r", "4"], "--lora-r: 8 -> 4"), (["--steps", "6"], "--steps: 4 -> 6"),
-                            (["--task", str(other_task)], f"{other_task} changed")):
+                            (["--task", str(other_task)], "the content of --task")):
         with pytest.raises(SystemExit):
             run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", *change, "--resume")
         err = capsys.readouterr().err
         assert "--resume with other options or data than the run it holds" in err and message in err, err
         assert sorted(p.name for p in out.iterdir()) == before
-    # what only decides when to log, evaluate or stop may change
-    run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", "--log-every", "2", "--resume")
+    # what only decides when to log, evaluate or stop may change, and the same files and targets may be spelled
+    # differently: --out with a slash, the task file by a relative path, the targets in another order
+    monkeypatch.chdir(task_file.parent)
+    run(tiny_ckpt, task_file.name, align_file, f"{out}/", "--steps", "4", "--method", "lora", "--log-every", "2",
+        "--lora-targets", "v_proj", "o_proj", "q_proj", "k_proj", "--resume")
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     # no checkpoint: refused before the Fisher is estimated or anything is written
     (tmp_path / "empty").mkdir()
