@@ -963,8 +963,11 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
             raise ValueError(f"{st_path}: {not_linear[:3]} {'is' if len(not_linear) == 1 else 'are'} not nn.Linear "
                              f"modules of the model ({len(not_linear)} of {len(names)})")
         targets = {n: named[n] for n in sorted(names)}
-    shapes = {f"base_model.model.{n}.lora_{ab}.weight": shape for n, m in targets.items()  # the model's rank if adapted
-              for r in [m.r if mods else cfg.r] for ab, shape in (("A", (r, m.in_features)), ("B", (m.out_features, r)))}
+    shapes = {}
+    for n, m in targets.items():
+        r = m.r if mods else cfg.r  # an adapted model keeps its own rank
+        shapes[f"base_model.model.{n}.lora_A.weight"] = (r, m.in_features)
+        shapes[f"base_model.model.{n}.lora_B.weight"] = (m.out_features, r)
     missing, unknown = sorted(shapes.keys() - tensors.keys()), sorted(tensors.keys() - shapes.keys())
     if missing or unknown:
         raise ValueError(f"{st_path} does not match the model's LoRA modules: missing {missing}, unknown {unknown}")

@@ -463,6 +463,17 @@ def read_driftcheck(path):
     return items
 
 
+def _read_utf8(path) -> str:
+    """A whole UTF-8 text file (a byte-order mark dropped); not UTF-8 is a ValueError naming the line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8") from None
+
+
 def read_prompts_csv(path, column="prompt", label=None, label_column=None, category_column=None):
     """DRIFTCHECK-style items from a CSV (TSV if the name ends in .tsv) of public prompts. The label
     is given for the whole file (label="unsafe") or read from label_column (values in CSV_LABELS);
@@ -473,13 +484,7 @@ def read_prompts_csv(path, column="prompt", label=None, label_column=None, categ
     if label is not None and label not in ("safe", "unsafe"):
         raise ValueError(f"{path}: label must be 'safe' or 'unsafe', got {label!r}")
     default_category = os.path.splitext(os.path.basename(path))[0]
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark may open the file
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not valid UTF-8") from None
+    text = _read_utf8(path)
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long prompts: the default limit is 131,072 characters
     delimiter = "\t" if str(path).endswith(".tsv") else ","
 
@@ -558,23 +563,11 @@ def write_jsonl(path, rows, force=False):
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), force)
 
 
-def _decoded_lines(path) -> list[str]:
-    """The lines of a UTF-8 text file (a byte-order mark dropped); a line that is not UTF-8 is a ValueError
-    naming the file and the line."""
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.splitlines()
-    for n, raw in enumerate(lines, 1):
-        try:
-            lines[n - 1] = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
-    return lines
-
-
 def sst2_tsv_to_jsonl(in_path, out_path, force=False):
     """GLUE SST-2 train.tsv/dev.tsv (header sentence<TAB>label) to {"sentence", "label"} jsonl."""
-    lines = _decoded_lines(in_path)
+    lines = re.split(r"\r\n|\r|\n", _read_utf8(in_path))  # the line ends alone, not str.splitlines' other breaks
+    if lines[-1] == "":
+        lines.pop()
     if not lines:
         raise ValueError(f"{in_path}: empty file, expected the header 'sentence<TAB>label'")
     header = lines[0].split("\t")

@@ -104,9 +104,6 @@ class ModelConfig:
         if hf.get("attention_dropout", 0.0):
             refuse("attention_dropout", hf["attention_dropout"], "attention has no dropout here (LoRA's own "
                    "dropout is --lora-dropout); set it to 0.0 to train without it")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if not isinstance(hf.get(key), int):
-                raise ValueError(f"{file}: field {key!r} is missing or not an integer")
 
         # rope_theta lives at the top level (transformers 4.x) or inside rope_parameters (5.x);
         # scaling is under rope_scaling or rope_parameters, its kind under "rope_type" or "type".
@@ -125,11 +122,11 @@ class ModelConfig:
             refuse("rope_type", rope_type, "only default and llama3 RoPE are implemented")
 
         kwargs = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
+            vocab_size=hf.get("vocab_size"),
+            hidden_size=hf.get("hidden_size"),
+            intermediate_size=hf.get("intermediate_size"),
+            num_hidden_layers=hf.get("num_hidden_layers"),
+            num_attention_heads=hf.get("num_attention_heads"),
             num_key_value_heads=hf.get("num_key_value_heads"),
             head_dim=hf.get("head_dim"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -141,7 +138,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )
-        try:  # __post_init__ checks the shape; its error gets the file name
+        try:  # __post_init__ checks the sizes (a missing one is None) and the shape; its error gets the file name
             return cls(**kwargs)
         except ValueError as e:
             raise ValueError(f"{file}: {e}") from None
@@ -473,10 +470,8 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
     model.safetensors would lose to it in every loader)."""
     out = Path(out_dir)
     if not overwrite and out.is_dir():
-        ours = ["model.safetensors", "config.json"] + ([] if tokenizer_from is None else TOKENIZER_FILES)
-        held = sorted({p.name for p in out.iterdir()} & set(ours)
-                      | {p.name for pat in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
-                         for p in out.glob(pat)})
+        names = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin"]
+        held = sorted({p.name for pat in names + (TOKENIZER_FILES if tokenizer_from else []) for p in out.glob(pat)})
         if held:
             raise ValueError(f"{out}: already holds {', '.join(held)}; refusing to overwrite a checkpoint "
                              "(choose another directory)")

@@ -266,7 +266,6 @@ class LossScaler:
 # ----------------------------------------------------------------------------- checkpoints
 
 # options --resume may change: they decide when to log, evaluate, checkpoint and stop, or where to run,
-# not what is trained; any other difference from the checkpoint's run is refused
 # not what is trained; any other difference from the checkpoint's run is refused. The data files are compared
 # by content (the run's "data" digests), not by how their paths are spelled.
 RESUMABLE = {"resume", "out", "stop_after", "log_every", "eval_every", "ckpt_every", "device", "fisher_cache", "merge",
@@ -277,11 +276,14 @@ def check_resume(ck: Path, saved: dict | None, run: dict):
     """Refuses to continue a run with other options or data than it was started with, naming what differs."""
     if saved is None:  # a checkpoint from before runs were recorded
         return
-    flag = {"lora": "--lora-"}  # the CLI's prefix for LoRAConfig's fields
-    diff = [f"{flag.get(part, '--')}{k.replace('_', '-')}: {saved.get(part, {}).get(k)!r} -> {v!r}" if part != "data"
-            else f"the content of --{k.replace('_', '-')}"
-            for part in run for k, v in run[part].items()
-            if (part == "data" or k not in RESUMABLE) and saved.get(part, {}).get(k) != v]
+    diff = []
+    for part, values in run.items():
+        for k, v in values.items():
+            was, flag = saved.get(part, {}).get(k), "--" + ("lora-" if part == "lora" else "") + k.replace("_", "-")
+            if part == "data" and was != v:
+                diff.append(f"the content of {flag}")
+            elif part != "data" and k not in RESUMABLE and was != v:
+                diff.append(f"{flag}: {was!r} -> {v!r}")
     if diff:
         raise ValueError(f"{ck}: --resume with other options or data than the run it holds ({'; '.join(diff)}); "
                          "resume with the same ones, or start a new run in another --out")
