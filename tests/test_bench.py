@@ -35,7 +35,8 @@ def test_bench_runs_every_measurement(in_process, capsys, tmp_path):
         assert f"## tiny (0.1M params), {dtype}, cpu" in text
     rows = [line.strip() for line in text.splitlines() if line.startswith("  ")]
     names = ("LoRA step qkvo: tokens/s", "LoRA step qkvo: peak MiB", "LoRA step all-linear: tokens/s",
-             "with --grad-checkpoint: tokens/s", "AlignGuard step vs plain: ms", "estimate_fisher(1 batch) vs step: s",
+             "with --grad-checkpoint: tokens/s", "AlignGuard step vs plain, qkvo: ms",
+             "AlignGuard step vs plain, all-linear: ms", "estimate_fisher(1 batch) vs step: s",
              "K-FAC factors (1 batch) vs step: s", "greedy generation: tokens/s")
     for name in names:
         assert sum(r.startswith(name) for r in rows) == 2, name  # once per dtype
@@ -52,6 +53,9 @@ def test_bench_runs_every_measurement(in_process, capsys, tmp_path):
         for key in ("ours/qkvo", "theirs/qkvo"):
             assert cells[key]["peak_bytes"] > 0 and len(cells[key]["step_s"]) == 3
         assert cells["ours/qkvo"]["n_trainable"] == cells["theirs/qkvo"]["n_trainable"]
+        # the AlignGuard step on both target sets (q,k,v,o is the default), the Fisher on all-linear only
+        assert all(len(cells[f"ours/{t}"]["ag_step_s"]) == 3 for t in ("qkvo", "all-linear"))
+        assert "kfac_s" in cells["ours/all-linear"] and "kfac_s" not in cells["ours/qkvo"]
         assert cells["ours/all-linear"]["n_loss_tokens"] == cells["theirs/all-linear"]["n_loss_tokens"] > 0
         gen = run["generate"]
         assert gen["tokens_equal"] and gen["lengths_ours"] == gen["lengths_theirs"] == [6, 6]  # gen_new, eos off
