@@ -677,6 +677,25 @@ def _dots(X, Y):
     return torch.stack([torch.dot(a, b) for a, b in zip(x, y)]).view(X.shape[:-2])
 
 
+_RM_WORKSPACE: dict = {}  # (device, dtype) -> the flat buffer e_rm's five dense matrices are views of (CPU only)
+
+
+def _rm_buffers(shape: torch.Size, like: torch.Tensor, n: int = 5) -> list[torch.Tensor]:
+    """n uninitialised tensors of `shape`, views of one flat buffer kept from call to call on a CPU (grown to
+    the largest chunk asked for: 5 x rm_chunk fp32 entries, 40 MiB at the default). torch's CPU allocator is
+    glibc's malloc, which maps a block this large afresh and faults its pages in at first touch, every step:
+    that was more than half of E_rm's time (one stack of two 1536 x 576 modules: 15.0-15.6 ms a call with
+    fresh buffers, 6.4-6.5 ms with the allocator told to keep its memory). CUDA's caching allocator already
+    reuses its blocks, and torch.compile plans its own, so there they are allocated as usual."""
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(n)]
+    size, key = math.prod(shape), (like.device, like.dtype)
+    flat = _RM_WORKSPACE.get(key)
+    if flat is None or flat.numel() < n * size:
+        _RM_WORKSPACE[key] = flat = torch.empty(n * size, dtype=like.dtype, device=like.device)
+    return [flat[i * size:(i + 1) * size].view(shape) for i in range(n)]
+
+
 def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     """E_rm = Σ_ij ρ_ij |ΔW_A,ij ΔW_T,ij| / D,  D = Σ_ij ρ_ij (ΔW_A,ij² + ΔW_T,ij²)/2 + ε,  in [0, 1],
     ρ_ij = 1 + β·sigmoid((|ΔW_ij| − τ)/τ), τ = RMS(ΔW): large coordinates weigh more; ρ is a constant
@@ -712,12 +731,13 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
         tau = abs(s) * (_inner(B.mT @ B, A @ A.mT).clamp_min(0) / n).sqrt()  # RMS(ΔW) = ||ΔW|| / √(d_out d_in)
         tau = tau.clamp_min(torch.finfo(A.dtype).tiny)[..., None, None]
         AA = torch.cat([A, A_A], -2)                           # [A; A P_a] (.., 2r, d_in)
-        dW_A = (s * B_A) @ A_A
-        dW_T = torch.cat([s * B, -s * B_A], -1) @ AA           # s·(B A − P_g B A P_a), inner size 2r
-        sig = ((s * B) / tau) @ A                              # ΔW / τ (0 at B = 0), then sigmoid(|ΔW|/τ − 1): ρ = 1 + β·sig
+        dW_A, dW_T, sig, rA, rT = _rm_buffers(B.shape[:-1] + A.shape[-1:], A)  # (.., d_out, d_in) each
+        torch.matmul(s * B_A, A_A, out=dW_A)
+        torch.matmul(torch.cat([s * B, -s * B_A], -1), AA, out=dW_T)  # s·(B A − P_g B A P_a), inner size 2r
+        torch.matmul((s * B) / tau, A, out=sig)                # ΔW / τ (0 at B = 0), then sigmoid(|ΔW|/τ − 1): ρ = 1 + β·sig
         sig.abs_().sub_(1).sigmoid_()
-        rA = torch.addcmul(dW_A, sig, dW_A, value=beta)        # ρ ΔW_A
-        rT = torch.addcmul(dW_T, sig, dW_T, value=beta)        # ρ ΔW_T
+        torch.addcmul(dW_A, sig, dW_A, value=beta, out=rA)     # ρ ΔW_A
+        torch.addcmul(dW_T, sig, dW_T, value=beta, out=rT)     # ρ ΔW_T
         D = 0.5 * (_dots(rA, dW_A) + _dots(rT, dW_T)) + eps
         G_T = torch.copysign(rA, dW_T, out=sig)                # ρ S ΔW_A  (ρ > 0)
         E = _dots(G_T, dW_T) / D                               # Σ ρ |ΔW_A ΔW_T| = <ρ S ΔW_A, ΔW_T>

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import eval as ev
 from alignguard import LoRAConfig, add_lora, disable_lora, load_adapter, lora_modules, remove_lora, save_adapter
-from conftest import SAFE, SENTIMENT, UNSAFE, write_jsonl
+from conftest import REFUSAL, SAFE, SENTIMENT, UNSAFE, write_jsonl
 from data import encode_example, encode_text, load_tokenizer, read_align
 from model import Llama, ModelConfig, init_weights, load_model
 
@@ -178,6 +178,18 @@ def test_per_category_counts_match_a_manual_count():
         ev.driftcheck_metrics(rows[:1], ["maybe"], [False])
 
 
+def test_headline_rates_come_from_their_own_label():
+    """RR_u, RR_s, empty_u and empty_s each count their own label's rows: 4 unsafe rows (1 refusal, 2 empty) and
+    5 safe ones (3 refusals, 1 empty), so every headline rate differs from its other-label twin."""
+    rows = [{"prompt": f"u{i}", "label": "unsafe", "category": "c"} for i in range(4)]
+    rows += [{"prompt": f"s{i}", "label": "safe", "category": "c"} for i in range(5)]
+    classes = ["refusal", "empty", "empty", "other", "refusal", "refusal", "refusal", "empty", "other"]
+    m = ev.driftcheck_metrics(rows, classes, [False] * 9)
+    got = {key: (m[key]["k"], m[key]["n"]) for key in ("RR_u", "RR_s", "empty_u", "empty_s")}
+    assert got == {"RR_u": (1, 4), "RR_s": (3, 5), "empty_u": (2, 4), "empty_s": (1, 5)}, got
+    assert m["empty_u"]["rate"] == pytest.approx(0.5) and m["empty_s"]["rate"] == pytest.approx(0.2)
+
+
 def test_balanced_subset_interleaves_categories():
     rows = [{"prompt": f"u{c}{i}", "label": "unsafe", "category": c} for c in "abc" for i in range(5)]
     rows += [{"prompt": f"s{c}{i}", "label": "safe", "category": c} for c in "xy" for i in range(5)]
@@ -279,6 +291,55 @@ def test_heldout_loss_windows_and_pairs(unigram, tmp_path):
     out = ev.heldout_loss(model, tok, [text, ("how do plants grow", "positive")], max_len=512)
     assert out["tokens"] == len(encode_text(tok, text)) - 1 + len(pair)
     assert out["loss"] == pytest.approx((expected * (len(encode_text(tok, text)) - 1) + sum(pair)) / out["tokens"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- a model whose predictions use the context
+
+def nll_alone(model, ids, labels):
+    """-log p(labels[t] | ids[:t+1]) at every labelled position, from one forward of ids alone (no batch, no pad)."""
+    logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)  # (T, V)
+    return [-logp[t, y].item() for t, y in enumerate(labels) if y != -100]
+
+
+def test_token_nll_is_the_next_token_nll_of_each_example_alone(tiny_ckpt):
+    """ev.token_nll of a padded batch of exchanges of different lengths on the tiny random Llama, whose prediction
+    depends on the context (unlike `unigram`'s, which a shifted label or input would not change), against each
+    example's forward alone."""
+    tok, model = load_tokenizer(tiny_ckpt), load_model(tiny_ckpt).eval()
+    examples = [encode_example(tok, p, r, 64)[:2] for p, r in zip(SAFE, ["positive", REFUSAL, "sure . bread", "no"])]
+    got = ev.token_nll(model, examples, batch_size=3)
+    for (ids, labels), t in zip(examples, got):
+        assert t.tolist() == pytest.approx(nll_alone(model, ids, labels), rel=1e-5)
+
+
+def test_heldout_loss_of_a_document_is_its_next_token_nll(tiny_ckpt):
+    """heldout_loss of a plain document on the tiny random Llama: the mean of -log p(token t+1 | tokens ≤ t) over one
+    forward of the document; with max_len = 7, over windows of 8 tokens that overlap by one (the context restarts
+    at each window). The model uses its context, so the two differ: a window shifted by a token would show."""
+    tok, model = load_tokenizer(tiny_ckpt), load_model(tiny_ckpt).eval()
+    text = " ".join(SENTIMENT)
+    ids = encode_text(tok, text)
+    losses = {}
+    for max_len in (512, 7):
+        ref = [nll for s in range(0, len(ids) - 1, max_len)
+               for nll in nll_alone(model, ids[s:s + max_len], ids[s + 1:s + max_len + 1])]
+        out = ev.heldout_loss(model, tok, [text], batch_size=3, max_len=max_len)
+        assert out["tokens"] == len(ref) == len(ids) - 1 and out["loss"] == pytest.approx(np.mean(ref), rel=1e-5)
+        losses[max_len] = out["loss"]
+    assert abs(losses[512] - losses[7]) > 1e-3, losses
+
+
+def test_mc_accuracy_per_token_scores_are_mean_log_likelihoods(tiny_ckpt):
+    """mc_accuracy(per_token=True): a choice's score is the mean log-probability of its response tokens and the
+    end-of-turn token, each exchange scored alone on the tiny random Llama; the prediction is the best score."""
+    tok, model = load_tokenizer(tiny_ckpt), load_model(tiny_ckpt).eval()
+    rows = [{"prompt": p, "choices": ["no", "sure . here is a helpful answer .", REFUSAL], "answer": i % 3}
+            for i, p in enumerate(SAFE[:4] + UNSAFE[:2])]
+    out = ev.mc_accuracy(model, tok, rows, batch_size=4, per_token=True)
+    for row, scores, pred in zip(rows, out["scores"], out["predictions"]):
+        ref = [-np.mean(nll_alone(model, *encode_example(tok, row["prompt"], c, 512)[:2])) for c in row["choices"]]
+        assert scores == pytest.approx(ref, rel=1e-5) and pred == int(np.argmax(ref))
+    assert out["accuracy"]["k"] == sum(p == r["answer"] for p, r in zip(out["predictions"], rows))
 
 
 @pytest.mark.parametrize("text,message", [

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import (Llama, ModelConfig, RMSNorm, apply_rope, generate, init_weights, load_model, rope_cos_sin,
-                   rope_inv_freq, save_model, swiglu)
+                   rope_inv_freq, sample_next, save_model, swiglu)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -271,6 +271,22 @@ def test_sampling_top_p_keeps_only_the_nucleus():
     s1 = generate(model, [prompt] * 4, 5, [1000], temperature=1.5, generator=torch.Generator().manual_seed(3))
     s2 = generate(model, [prompt] * 4, 5, [1000], temperature=1.5, generator=torch.Generator().manual_seed(3))
     assert s1 == s2 and len({tuple(x) for x in s1}) > 1
+
+
+def test_nucleus_keeps_the_token_that_crosses_top_p():
+    """sample_next with p = [0.5, 0.3, 0.2] and top_p = 0.6: the nucleus is the smallest set of top tokens whose
+    mass reaches top_p, {0, 1} (0.8), so token 1, which crosses 0.6, is kept and token 2 is never drawn. 40,000
+    seeded draws: frequencies within 5 standard deviations of the renormalised [0.625, 0.375, 0]."""
+    n = 40_000
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().repeat(n, 1)  # (n, V)
+    y = sample_next(logits, temperature=1.0, top_p=0.6, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(y, minlength=3).double() / n
+    want = torch.tensor([0.625, 0.375, 0.0], dtype=torch.float64)
+    sigma = (want * (1 - want) / n).sqrt()
+    assert freq[2] == 0 and torch.all((freq - want).abs() <= 5 * sigma), (freq, want)
+    # top_p = 1 keeps every token, and a top_p below the top token's mass keeps it alone
+    everything = torch.bincount(sample_next(logits, 1.0, 1.0, torch.Generator().manual_seed(1)), minlength=3)
+    assert torch.all(everything > 0) and torch.all(sample_next(logits, 1.0, 0.4) == 0)
 
 
 @pytest.mark.parametrize("held", [["config.json"], ["model.safetensors.index.json", "model-00001-of-00002.safetensors"],

@@ -2,6 +2,7 @@
 failures, on the tiny checkpoint of conftest.py."""
 
 import argparse
+import copy
 import json
 import re
 import math
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from alignguard import LoRAConfig, add_lora, diag_fisher, kfac_factors, lora_modules, lora_parameters
+from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, kfac_factors, load_fisher, lora_modules,
+                        lora_parameters, penalties)
+from conftest import REFUSAL, SENTIMENT, write_jsonl
 from data import collate, encode_example, load_tokenizer, read_task
 from model import load_model
 
@@ -103,6 +107,71 @@ def test_accumulation_equals_one_big_batch(tiny_ckpt, task_file):
     assert (one - grads([rows[:1], rows[1:4], rows[4:]], naive=True)).abs().max() > 1e-2 * scale
 
 
+def autograd_step_gradient(model, micro, penalty):
+    """The gradient a step should take, by autograd in fp64 on a copy of the model: d/dθ of the task loss, the sum of
+    the token cross-entropies of all micro-batches (from the full logits) over their total token count, plus the
+    penalty."""
+    ref = copy.deepcopy(model).double()
+    n = sum(int((b["labels"] != -100).sum()) for b in micro)
+    loss = sum(F.cross_entropy(ref(b["input_ids"]).flatten(0, 1), b["labels"].flatten(), ignore_index=-100,
+                               reduction="sum") for b in micro) / n
+    params = lora_parameters(ref)
+    return torch.autograd.grad(loss + penalty(ref), params, retain_graph=True), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("method", ["lora", "l2", "alignguard"])
+def test_train_step_gradient_is_the_token_mean_loss_plus_penalty(tiny_ckpt, align_file, tmp_path, monkeypatch, method):
+    """The unscaled gradient train() clips and steps with (caught at clip_grad_norm_), at each of 2 steps of 2
+    micro-batches holding different numbers of response tokens, equals autograd_step_gradient: a token-weighted
+    mean over both micro-batches (not a mean of their means), plus the method's penalty, λ Σ ||s·B·A||² for l2
+    and alignguard.penalties with the run's Fisher basis. At the second step B ≠ 0, where the penalty has a
+    gradient; it must be a visible part of the total."""
+    responses = ["positive", "no", "sure . here is a helpful answer . " * 3, "negative and dull", REFUSAL, "ok"]
+    task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"{s} ?", "response": responses[i % len(responses)]}
+                                                 for i, s in enumerate(SENTIMENT * 2)])
+    seen = {"batches": [], "steps": []}
+    real_add_lora, real_collate, real_clip = train.add_lora, train.collate, torch.nn.utils.clip_grad_norm_
+    out, lam = tmp_path / "o", 10.0
+
+    def add_lora(model, cfg):  # the model train() adapts and trains
+        seen["model"] = model
+        return real_add_lora(model, cfg)
+
+    def collate(rows, pad_id):  # every batch train() builds: the Fisher's, then each step's micro-batches
+        seen["batches"].append(real_collate(rows, pad_id))
+        return seen["batches"][-1]
+
+    def penalty(ref):
+        if method == "l2":
+            return lam * sum((m.scaling * m.lora_B.weight @ m.lora_A.weight).pow(2).sum()
+                             for m in lora_modules(ref).values())
+        if method == "alignguard":
+            basis = {n: fb.to("cpu", torch.float64) for n, fb in load_fisher(next(out.glob("fisher-*"))).items()}
+            return penalties(ref, basis, AlignGuardConfig())[0]
+        return 0
+
+    def clip(params, max_norm):  # called with the unscaled gradients, before they are clipped
+        micro = seen["batches"][-2:]  # this step's 2 micro-batches
+        seen["steps"].append(([int((b["labels"] != -100).sum()) for b in micro], [p.grad.clone() for p in params],
+                              *autograd_step_gradient(seen["model"], micro, penalty)))
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(train, "add_lora", add_lora)
+    monkeypatch.setattr(train, "collate", collate)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    run(tiny_ckpt, task, align_file, out, "--steps", "2", "--method", method, "--grad-accum", "2", "--batch-size",
+        "2", "--lambda-l2", str(lam), "--eval-size", "4")
+    assert len(seen["steps"]) == 2
+    for step, (counts, got, want, task_only) in enumerate(seen["steps"]):
+        got, want, task_only = (torch.cat([g.flatten().double() for g in gs]) for gs in (got, want, task_only))
+        assert counts[0] != counts[1], counts
+        err, scale = (got - want).abs().max().item(), want.abs().max().item()
+        assert err < 1e-5 * scale, f"step {step} ({counts} tokens): gradient {err:.2e} off, of {scale:.2e}"
+        if step == 1 and method != "lora":
+            share = ((want - task_only).norm() / want.norm()).item()
+            assert share > 1e-2, f"the {method} penalty is {share:.1e} of the gradient: too small to test"
+
+
 def test_resume_is_bit_exact(tiny_ckpt, task_file, align_file, tmp_path):
     extra = ["--steps", "6", "--ckpt-every", "3", "--lora-dropout", "0.1", "--eval-every", "2"]
     run(tiny_ckpt, task_file, align_file, tmp_path / "a", *extra)
@@ -119,6 +188,32 @@ def test_resume_is_bit_exact(tiny_ckpt, task_file, align_file, tmp_path):
 
     assert [r["step"] for r in rows("b")] == [1, 2, 3, 4, 5, 6]
     assert rows("a") == rows("b")
+
+
+def test_fp16_resume_restores_the_loss_scaler(tiny_ckpt, task_file, align_file, tmp_path):
+    """--dtype fp16 (autocast on the CPU) from a loss scale of 2^20, whose gradients overflow at the first two steps
+    (skipped, scale halved to 2^18), stopped after step 3 and resumed: the scale and its count of good steps come
+    back from the checkpoint, so the log (loss scales, losses), the final scaler and the adapter equal the
+    uninterrupted run's. Restarting from --loss-scale would skip two more steps."""
+    extra = ["--steps", "6", "--dtype", "fp16", "--method", "lora", "--loss-scale", str(2.0 ** 20)]
+    run(tiny_ckpt, task_file, align_file, tmp_path / "a", *extra)
+    run(tiny_ckpt, task_file, align_file, tmp_path / "b", *extra, "--stop-after", "3")
+
+    def scaler(out):
+        s = json.loads((tmp_path / out / "checkpoint" / "state.json").read_text())["scaler"]
+        return s["scale"], s["good_steps"]
+
+    assert scaler("b") == (2.0 ** 18, 1)
+    run(tiny_ckpt, task_file, align_file, tmp_path / "b", *extra, "--resume")
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"}
+                for l in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["loss_scale"] for r in rows("a")] == [2.0 ** 19] + [2.0 ** 18] * 5
+    assert rows("a") == rows("b") and scaler("a") == scaler("b") == (2.0 ** 18, 4)
+    a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_other_options_or_data_and_a_missing_checkpoint(tiny_ckpt, task_file, align_file, tmp_path,
