@@ -529,7 +529,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
                 row("  each alone in its process", f"{tok_o:,.0f}", f"{tok_t:,.0f}", f"{tok_o / tok_t:.2f}x", "")
             memory_row(f"LoRA step {tname}: peak MiB", o, t)
             if o["n_trainable"] != t["n_trainable"]:
-                row(f"  !! trainable parameters differ", f"{o['n_trainable']:,}", f"{t['n_trainable']:,}", "", "")
+                row("  !! trainable parameters differ", f"{o['n_trainable']:,}", f"{t['n_trainable']:,}", "", "")
         else:
             row(f"LoRA step {tname}: tokens/s", f"{tok_o:,.0f}", "-", "", "")
             memory_row(f"LoRA step {tname}: peak MiB", o, None)

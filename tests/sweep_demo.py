@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignguard import AlignGuardConfig, LoRAConfig, disable_lora, load_adapter, remove_lora  # noqa: E402
+from alignguard import AlignGuardConfig, LoRAConfig, load_adapter, remove_lora  # noqa: E402
 from data import demo_validation, load_tokenizer, read_align, read_mc  # noqa: E402
 from eval import alignment_kl, mc_accuracy, score_driftcheck  # noqa: E402
 from model import load_model  # noqa: E402

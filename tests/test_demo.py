@@ -5,8 +5,6 @@ the test's: it checks that every stage runs and that the report holds what the R
 import json
 from pathlib import Path
 
-import pytest
-
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
