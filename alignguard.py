@@ -682,7 +682,8 @@ _RM_WORKSPACE: dict = {}  # (device, dtype) -> the flat buffer e_rm's five dense
 
 def _rm_buffers(shape: torch.Size, like: torch.Tensor, n: int = 5) -> list[torch.Tensor]:
     """n uninitialised tensors of `shape`, views of one flat buffer kept from call to call on a CPU (grown to
-    the largest chunk asked for: 5 x rm_chunk fp32 entries, 40 MiB at the default). torch's CPU allocator is
+    the largest chunk asked for: 5 x rm_chunk fp32 entries, 40 MiB at the default, or five of a module larger
+    than rm_chunk, such as an adapted lm_head; release_rm_buffers frees it). torch's CPU allocator is
     glibc's malloc, which maps a block this large afresh and faults its pages in at first touch, every step:
     that was more than half of E_rm's time (one stack of two 1536 x 576 modules: 15.0-15.6 ms a call with
     fresh buffers, 6.4-6.5 ms with the allocator told to keep its memory). CUDA's caching allocator already
@@ -692,8 +693,14 @@ def _rm_buffers(shape: torch.Size, like: torch.Tensor, n: int = 5) -> list[torch
     size, key = math.prod(shape), (like.device, like.dtype)
     flat = _RM_WORKSPACE.get(key)
     if flat is None or flat.numel() < n * size:
+        flat = _RM_WORKSPACE[key] = None  # the smaller one is freed before the larger one is allocated
         _RM_WORKSPACE[key] = flat = torch.empty(n * size, dtype=like.dtype, device=like.device)
     return [flat[i * size:(i + 1) * size].view(shape) for i in range(n)]
+
+
+def release_rm_buffers():
+    """Frees the buffers e_rm keeps between calls (train.train calls it when training ends)."""
+    _RM_WORKSPACE.clear()
 
 
 def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, disable_lora, estimate_fisher,
                         ewc_penalty, l2_penalty, load_adapter, load_fisher, lora_parameters, merged_state_dict,
-                        penalties, remove_lora, save_adapter, save_fisher)
+                        penalties, release_rm_buffers, remove_lora, save_adapter, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
 from model import Llama, ModelConfig, init_weights, load_model, resolve_checkpoint, save_model
@@ -590,6 +590,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             print(f"\rstep {step}/{total_steps} | loss {row['loss']:.4f} {shown} | lr {lr:.2e} | "
                   f"{row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s   ", end="", file=sys.stderr, flush=True)
             t_log, tokens_log = time.time(), 0
+
+    release_rm_buffers()  # E_rm's buffers, kept between steps (40 MiB at the default --rm-chunk)
 
     # --- outputs
     final_eval = evaluate()

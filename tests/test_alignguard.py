@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import alignguard
 from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, _inverse_cdf, add_lora, delta_weight,
                         dense_split, diag_fisher, disable_lora, e_rm, eig_topk, estimate_fisher, ewc_penalty, kfac_factors, l2_penalty,
                         load_adapter, load_fisher, lora_modules, lora_parameters, lora_split, merge_lora, merged_lora, merged_state_dict,
@@ -675,6 +676,7 @@ def test_e_rm_buffers_kept_between_calls_leave_no_trace():
         E = e_rm(A, B, 1.5, U_g, U_a, 1.0, eps=1e-8)
         return (E.detach(), *torch.autograd.grad(E.sum(), (A, B)))
 
+    alignguard.release_rm_buffers()  # what earlier tests left
     first = call(2, 6, 5, torch.float32, 0)
     kept = [t.clone() for t in first]
     call(3, 9, 11, torch.float32, 1)  # grows the buffer
@@ -682,6 +684,11 @@ def test_e_rm_buffers_kept_between_calls_leave_no_trace():
     call(2, 6, 5, torch.float64, 3)  # another dtype
     for a, b, c in zip(first, kept, call(2, 6, 5, torch.float32, 0)):
         assert torch.equal(a, b) and torch.equal(a, c)
+    # one buffer per dtype, five matrices of the largest stack asked for; release_rm_buffers frees them
+    sizes = {dtype: t.numel() for (_, dtype), t in alignguard._RM_WORKSPACE.items()}
+    assert sizes[torch.float32] == 5 * 3 * 9 * 11 and sizes[torch.float64] == 5 * 2 * 6 * 5
+    alignguard.release_rm_buffers()
+    assert not alignguard._RM_WORKSPACE
 
 
 def lora_stack(shapes, r=4, k=4):
