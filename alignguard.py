@@ -71,7 +71,7 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**21  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers, kept on a CPU: 40 MiB); README: Performance
+    rm_chunk: int = 2**21  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers: 40 MiB, kept on a CPU); README: Performance
     compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~55 s of compiling, then ~20% less penalty time on CPU
 
     def __post_init__(self):
@@ -678,19 +678,22 @@ def _dots(X, Y):
 
 
 _RM_WORKSPACE: dict = {}  # (device, dtype) -> the flat buffer e_rm's five dense matrices are views of (CPU only)
+_RM_KEEP = 5 * 2**21  # most entries kept: five matrices of the default rm_chunk, 40 MiB in fp32
 
 
 def _rm_buffers(shape: torch.Size, like: torch.Tensor, n: int = 5) -> list[torch.Tensor]:
-    """n uninitialised tensors of `shape`, views of one flat buffer kept from call to call on a CPU (grown to
-    the largest chunk asked for: 5 x rm_chunk fp32 entries, 40 MiB at the default, or five of a module larger
-    than rm_chunk, such as an adapted lm_head; release_rm_buffers frees it). torch's CPU allocator is
-    glibc's malloc, which maps a block this large afresh and faults its pages in at first touch, every step:
-    that was more than half of E_rm's time (one stack of two 1536 x 576 modules: 15.0-15.6 ms a call with
-    fresh buffers, 6.4-6.5 ms with the allocator told to keep its memory). CUDA's caching allocator already
-    reuses its blocks, and torch.compile plans its own, so there they are allocated as usual."""
-    if like.device.type != "cpu" or torch.compiler.is_compiling():
-        return [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(n)]
+    """n uninitialised tensors of `shape`. On a CPU they are views of one flat buffer kept from call to call
+    (grown to the largest chunk asked for, up to _RM_KEEP entries: larger chunks, a module beyond the default
+    rm_chunk such as an adapted lm_head, get fresh tensors; release_rm_buffers frees it). torch's CPU tensors
+    come from glibc's malloc, which maps a block above its (dynamic) mmap threshold afresh, faults its pages
+    in at first touch and unmaps it when freed: in a process whose threshold is still low, as at the start
+    of a run, that was more than half of E_rm's time (one stack of two 1536 x 576 modules, a fresh process:
+    15.0-15.6 ms a call with fresh buffers, 6.5-6.7 ms with kept ones; 8.3 ms either way in a process where
+    other tensors had raised the threshold). CUDA's caching allocator already reuses its blocks, and
+    torch.compile plans its own, so there they are allocated as usual."""
     size, key = math.prod(shape), (like.device, like.dtype)
+    if like.device.type != "cpu" or torch.compiler.is_compiling() or n * size > _RM_KEEP:
+        return [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(n)]
     flat = _RM_WORKSPACE.get(key)
     if flat is None or flat.numel() < n * size:
         flat = _RM_WORKSPACE[key] = None  # the smaller one is freed before the larger one is allocated

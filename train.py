@@ -519,6 +519,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             if ddp:
                 dist.barrier()
                 dist.destroy_process_group()
+            release_rm_buffers()
             return {"method": cfg.method, "steps": step, "stopped": True}
         lr = get_lr(step, total_steps, cfg.lr, cfg.min_lr, cfg.warmup)
         for group in optimizer.param_groups:
@@ -591,7 +592,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                   f"{row['tokens_per_s']:.0f} tok/s | ETA {eta:.0f}s   ", end="", file=sys.stderr, flush=True)
             t_log, tokens_log = time.time(), 0
 
-    release_rm_buffers()  # E_rm's buffers, kept between steps (40 MiB at the default --rm-chunk)
+    release_rm_buffers()  # E_rm's buffers, kept between steps (at most 40 MiB)
 
     # --- outputs
     final_eval = evaluate()

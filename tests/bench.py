@@ -340,8 +340,8 @@ def measure_memory(task: dict) -> dict:
 
 
 def measure_train(task: dict) -> dict:
-    """One stack, one target set, one dtype, alone in its process: LoRA step time and peak memory; for ours with
-    all-linear targets also the AlignGuard step and the Fisher estimation, interleaved with the plain step."""
+    """One stack, one target set, one dtype, alone in its process: LoRA step time and peak memory; for ours also
+    the AlignGuard step and, with all-linear targets, the Fisher estimation, interleaved with the plain step."""
     dtype, device = DTYPES[task["dtype"]], task["device"]
     model, step, params, n_tokens, batch = build_step(task, task["stack"])
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)

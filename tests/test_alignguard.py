@@ -663,7 +663,7 @@ def test_e_rm_of_a_module_at_b_zero_inside_a_stack():
         e_rm(A, B, s, U_g, U_a, -0.5, eps=1e-8)
 
 
-def test_e_rm_buffers_kept_between_calls_leave_no_trace():
+def test_e_rm_buffers_kept_between_calls_leave_no_trace(monkeypatch):
     """e_rm's dense matrices are views of one buffer kept from call to call on a CPU (alignguard._rm_buffers):
     a call after others of larger and smaller shapes, fp32 and fp64, gives the same value and gradients bit for
     bit, and what an earlier call returned is not changed by later ones (nothing returned aliases the buffer)."""
@@ -689,6 +689,13 @@ def test_e_rm_buffers_kept_between_calls_leave_no_trace():
     assert sizes[torch.float32] == 5 * 3 * 9 * 11 and sizes[torch.float64] == 5 * 2 * 6 * 5
     alignguard.release_rm_buffers()
     assert not alignguard._RM_WORKSPACE
+    # a chunk above _RM_KEEP entries gets fresh tensors and leaves the kept buffer as it was
+    monkeypatch.setattr(alignguard, "_RM_KEEP", 5 * 2 * 6 * 5)
+    call(2, 6, 5, torch.float32, 0)  # kept
+    call(3, 9, 11, torch.float32, 1)  # above the limit
+    assert {k[1]: t.numel() for k, t in alignguard._RM_WORKSPACE.items()} == {torch.float32: 5 * 2 * 6 * 5}
+    assert all(torch.equal(a, b) for a, b in zip(first, call(2, 6, 5, torch.float32, 0)))
+    alignguard.release_rm_buffers()
 
 
 def lora_stack(shapes, r=4, k=4):

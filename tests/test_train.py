@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import alignguard
 import train
 from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, kfac_factors, load_fisher, lora_modules,
                         lora_parameters, penalties)
@@ -177,7 +178,9 @@ def test_resume_is_bit_exact(tiny_ckpt, task_file, align_file, tmp_path):
     run(tiny_ckpt, task_file, align_file, tmp_path / "a", *extra)
     run(tiny_ckpt, task_file, align_file, tmp_path / "b", *extra, "--stop-after", "3")
     assert not (tmp_path / "b" / "adapter").exists()
+    assert not alignguard._RM_WORKSPACE  # E_rm's kept buffers are freed when a run stops, as when it ends
     run(tiny_ckpt, task_file, align_file, tmp_path / "b", *extra, "--resume")
+    assert not alignguard._RM_WORKSPACE
     a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
     assert a.keys() == b.keys()
     for k in a:
