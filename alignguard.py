@@ -411,9 +411,11 @@ def _per_call_grads(model, batches, mods, forward, sample, generator):
                 mask, S = _log_likelihood(model, batch, forward, sample, generator)
                 ys = [y for c in calls.values() for _, y in c]
                 grads = iter(torch.autograd.grad(S, ys, materialize_grads=True))
+                del S, ys  # the graph and every output y go before the next batch's forward
                 yield mask, {n: [(x, next(grads)) for x, _ in c] for n, c in calls.items()}
                 for c in calls.values():
                     c.clear()
+                del grads
     finally:
         model.train(was_training)
 
@@ -481,6 +483,10 @@ def kfac_factors(model: nn.Module, batches, kind: str = "true", forward=None, ge
                     _add_into(A_sum, xxT[key])  # an fp32 product added into the fp64 sum
                     _add_into(G_sum, g.T @ g)
                     N += g.shape[0]
+        # this batch's inputs and output gradients (two (B, T, d) tensors per module call) are freed before the
+        # next batch's forward, not after it: kept, they doubled the memory in use and the next batch ran
+        # on freshly faulted-in pages (SmolLM2 shape, all-linear: a second batch 7-9 s against 4.7-6.4 s)
+        calls = xxT = x = xm = g = None
     out = {}
     for n, (A_sum, G_sum, N) in sums.items():
         _all_reduce(A_sum, G_sum, N)
