@@ -629,6 +629,7 @@ def diag_fisher(model: nn.Module, batches, forward=None, targets=None) -> dict[s
                 per_example = sum(torch.einsum("b...o,b...i->boi", _f32(g), _f32(x)) for x, g in c)
                 sums[n] += per_example.pow(2).sum(0)  # Σ_m (∂ log p(example m)/∂W)², per_example (B, d_out, d_in)
         M += mask.any(1).sum()
+        calls = per_example = None  # freed before the next batch's forward, as in kfac_factors
     _all_reduce(M, *sums.values())
     if M == 0:
         raise ValueError("the Fisher batches hold no loss tokens (labels != -100)")
