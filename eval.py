@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from alignguard import disable_lora, load_adapter, merged_lora, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
                   read_driftcheck, read_mc, read_prompts_csv, read_task)
-from model import generate, load_model
+from model import generate, load_model, logits_at
 
 
 @dataclass
@@ -363,9 +363,8 @@ def token_nll(model, examples: list, batch_size: int):
             b = collate(examples[i:i + batch_size], pad_id=0)
             labels = b["labels"].to(device)
             keep = labels != -100                                            # (B, T)
-            # lm_head only where there is a target, as in training: (N, V) logits, not (B, T, V)
-            h = model(b["input_ids"].to(device), hidden_only=True)[keep]    # (N, C), row by row
-            nll = F.cross_entropy(model.lm_head(h).float(), labels[keep], reduction="none")  # (N,)
+            logits = logits_at(model, b["input_ids"].to(device), keep)       # (N, V), row by row
+            nll = F.cross_entropy(logits.float(), labels[keep], reduction="none")  # (N,)
             out += [t.cpu() for t in nll.split(keep.sum(1).tolist())]
     return out
 
@@ -441,17 +440,13 @@ def alignment_kl(model, tok, pairs: list, base=None, batch_size: int = 8, max_le
     base = base or disable_lora
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-
-    def logits(ids, mask):  # (N, V) at the response tokens only: lm_head skips the prompt
-        return model.lm_head(model(ids, hidden_only=True)[mask]).float()
-
     with eval_mode(model), torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             b = collate([encode_example(tok, p, r, max_len)[:2] for p, r in pairs[i:i + batch_size]], tok.pad_id)
             ids, mask = b["input_ids"].to(device), b["labels"].to(device) != -100
-            with base(model):
-                log_p = torch.log_softmax(logits(ids, mask), dim=-1)  # (N, V) aligned
-            log_q = torch.log_softmax(logits(ids, mask), dim=-1)      # (N, V) adapted
+            with base(model):  # (N, V) at the response tokens only
+                log_p = torch.log_softmax(logits_at(model, ids, mask).float(), dim=-1)  # aligned
+            log_q = torch.log_softmax(logits_at(model, ids, mask).float(), dim=-1)      # adapted
             total += float((log_p.exp() * (log_p - log_q)).sum())
             tokens += int(mask.sum())
     assert tokens > 0, f"alignment_kl: no response tokens in {len(pairs)} exchanges"

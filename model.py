@@ -350,6 +350,13 @@ class Llama(nn.Module):
         return x if hidden_only else self.lm_head(x)  # (B, T, C) or (B, T, V)
 
 
+def logits_at(model: Llama, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits at the N positions where keep (B, T) is True, row by row: lm_head runs there only, where
+    model(input_ids) forms all (B, T, V), with a large vocabulary most of the work. Training's Fisher forward
+    and eval.py's likelihoods take their logits this way."""
+    return model.lm_head(model(input_ids, hidden_only=True)[keep])
+
+
 def init_weights(model: Llama, seed: int = 0) -> Llama:
     """Random initialisation for training from scratch: N(0, initializer_range) for linear and
     embedding weights (as transformers does), ones for norms."""

@@ -33,7 +33,7 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, dis
                         penalties, release_rm_buffers, remove_lora, save_adapter, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
-from model import Llama, ModelConfig, init_weights, load_model, resolve_checkpoint, save_model
+from model import Llama, ModelConfig, init_weights, load_model, logits_at, resolve_checkpoint, save_model
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -181,8 +181,7 @@ def batch_loss_sum(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
 def labelled_logits(model, batch: dict) -> torch.Tensor:
     """(N, V) logits at the labelled positions of a batch, the forward the Fisher estimation uses
     (alignguard's `forward` hook): lm_head skips the prompt, as in training."""
-    keep = batch["labels"] != -100                                   # (B, T)
-    return model.lm_head(model(batch["input_ids"], hidden_only=True)[keep])  # (N, V)
+    return logits_at(model, batch["input_ids"], batch["labels"] != -100)  # (N, V)
 
 
 def normalised_loss(loss_sum: torch.Tensor, n_tokens_step: int) -> torch.Tensor:
