@@ -190,6 +190,11 @@ def load_tokenizer(path, chat_format="auto"):
     if not eos_ids:
         raise ValueError(f"no eos token: set eos_token in {tk_path} or eos_token_id in {gen_path}")
     system = _default_system(template) if chat_format == "chatml" else None
+    vocab = cfg.get("vocab_size")
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and top >= vocab:  # the embedding would index past its end
+        raise ValueError(f"{tok_path}: token ids go up to {top}, but field 'vocab_size' of {cfg_path} is {vocab}: "
+                         "this tokenizer does not belong to this checkpoint")
     return Tok(tokenizer=tokenizer, bos_id=bos_id, add_bos=add_bos, eos_ids=eos_ids,
                pad_id=eos_ids[0] if pad_id is None else pad_id, chat_format=chat_format,
                system=system)

@@ -179,6 +179,13 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "c" / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"tokenizer_config.json, line 1"):
         data.load_tokenizer(folder)
+    # a tokenizer with more ids than the model's embedding has rows: refused here, not an IndexError in the embedding
+    folder = make_checkpoint(tmp_path / "d", "plain", {"eos_token": "<|eos|>"}, None, {"vocab_size": 100})
+    top = max(Tokenizer.from_file(str(tmp_path / "d" / "tokenizer.json")).get_vocab(with_added_tokens=True).values())
+    with pytest.raises(ValueError, match=rf"tokenizer.json: token ids go up to {top}, but field 'vocab_size' of .*config.json is 100"):
+        data.load_tokenizer(folder)
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"vocab_size": top + 1}))
+    assert data.load_tokenizer(folder).eos_ids
 
 
 # -----------------------------------------------------------------------------
