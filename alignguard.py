@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -547,12 +547,48 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
-def _is_fisher_file(path) -> bool:
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, with a ValueError that names the file when it is not one (cut short by a kill or a
+    full disk, or another format): safetensors raises its own SafetensorError, which names nothing."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_json_object(path) -> dict:
+    """The JSON object in path, a ValueError naming the file and line otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _is_fisher_file(path, key: str = "alignguard_fisher") -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return "alignguard_fisher" in (f.metadata() or {})
+            return key in (f.metadata() or {})
     except Exception:  # not a safetensors file at all
         return False
+
+
+def _read_fisher_file(path, key: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) of a Fisher file written by save_fisher or save_diag_fisher; ValueError naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get(key)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if header is None:
+        raise ValueError(f"{path} is not an AlignGuard {what}: no {key!r} metadata")
+    return json.loads(header), tensors
 
 
 def save_fisher(path, basis: dict[str, FisherBasis], meta: dict):
@@ -579,12 +615,7 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
     than 1e-3 relative or its weight_probe by more than 1e-2 relative (other weights), or the model's LoRA
     modules are not the basis's modules.
     Tensors go to each module's device."""
-    with safe_open(str(path), framework="pt") as f:
-        header = (f.metadata() or {}).get("alignguard_fisher")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    if header is None:
-        raise ValueError(f"{path} is not an AlignGuard Fisher basis: no 'alignguard_fisher' metadata")
-    info = json.loads(header)
+    info, tensors = _read_fisher_file(path, "alignguard_fisher", "Fisher basis")
     for key, want in (expect or {}).items():
         if info["meta"].get(key) != want:
             raise ValueError(f"{path}: the Fisher basis has {key}={info['meta'].get(key)!r}, expected {want!r}")
@@ -639,6 +670,35 @@ def diag_fisher(model: nn.Module, batches, forward=None, targets=None) -> dict[s
     if M == 0:
         raise ValueError("the Fisher batches hold no loss tokens (labels != -100)")
     return {n: s / M.to(s.dtype) for n, s in sums.items()}
+
+
+def save_diag_fisher(path, f_diag: dict[str, torch.Tensor], meta: dict):
+    """diag_fisher's F_diag per module (safetensors) with the caller's meta in the header, written whole or not at
+    all (a kill leaves no half file). Replaces an earlier diagonal Fisher at `path`, never another file."""
+    if os.path.exists(path) and not _is_fisher_file(path, "alignguard_diag_fisher"):
+        raise FileExistsError(f"{path} exists and is not an AlignGuard diagonal Fisher; refusing to overwrite it")
+    tensors = {n: F_.detach().float().cpu().contiguous() for n, F_ in f_diag.items()}
+    header = json.dumps({"meta": meta}, sort_keys=True)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"alignguard_diag_fisher": header}))
+
+
+def load_diag_fisher(path, model: nn.Module | None = None, expect: dict | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of save_diag_fisher: ValueError naming the mismatch when a key of `expect` differs from the saved
+    meta or, given `model`, a module is not a Linear layer of it with F_diag's shape. Tensors go to each module's
+    device."""
+    info, f_diag = _read_fisher_file(path, "alignguard_diag_fisher", "diagonal Fisher")
+    for key, want in (expect or {}).items():
+        if info["meta"].get(key) != want:
+            raise ValueError(f"{path}: the diagonal Fisher has {key}={info['meta'].get(key)!r}, expected {want!r}")
+    if model is None:
+        return f_diag
+    named = dict(model.named_modules())
+    for n, F_ in f_diag.items():
+        m = named.get(n)
+        if not isinstance(m, (nn.Linear, LoRALinear)) or m.weight.shape != F_.shape:
+            raise ValueError(f"{path}: {n!r} of shape {list(F_.shape)} is not a Linear layer of this model of that shape")
+        f_diag[n] = F_.to(m.weight.device)
+    return f_diag
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -966,8 +1026,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     and the field or tensor: on an error the model is as it was. Returns the adapted module names."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     st_path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    with open(cfg_path) as f:
-        c = json.load(f)
+    c = read_json_object(cfg_path)
     if c.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: field 'peft_type' = {c.get('peft_type')!r}: only 'LORA' adapters are supported")
     for key in ("r", "lora_alpha"):
@@ -982,7 +1041,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         if key not in _PEFT_FIELDS and value not in (None, False, {}, [], ""):
             raise ValueError(f"{cfg_path}: field {key!r} = {value!r} is not supported (PEFT would compute something "
                              "other than W0 + s·B·A with it)")
-    tensors = load_file(st_path)
+    tensors = read_tensors(st_path)
     names = set()
     for key in tensors:
         match = _PEFT_KEY.fullmatch(key)

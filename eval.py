@@ -740,7 +740,7 @@ def parse_args(argv=None) -> EvalConfig:
 def main(argv=None):
     try:
         return run(parse_args(argv))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"\nerror: {e}", file=sys.stderr)
         raise SystemExit(1)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -401,6 +401,14 @@ def resolve_checkpoint(path) -> tuple[Path, list[Path]]:
     return path.parent, [path]
 
 
+def _open_shard(shard: Path):
+    """safe_open, with a ValueError that names the shard when it is not a safetensors file (a truncated download)"""
+    try:
+        return safe_open(str(shard), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
+
+
 # tensors that some checkpoints carry and this model recomputes instead
 IGNORED_KEY_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -421,7 +429,7 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
 
     state = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
+        with _open_shard(shard) as f:
             for key in f.keys():
                 if key.endswith(IGNORED_KEY_SUFFIXES) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     continue

@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, disable_lora, estimate_fisher,
-                        ewc_penalty, l2_penalty, load_adapter, load_fisher, lora_parameters, merged_state_dict,
-                        penalties, release_rm_buffers, remove_lora, save_adapter, save_fisher)
+                        ewc_penalty, l2_penalty, load_adapter, load_diag_fisher, load_fisher, lora_parameters,
+                        merged_state_dict, penalties, read_json_object, read_tensors, release_rm_buffers, remove_lora,
+                        save_adapter, save_diag_fisher, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
 from model import Llama, ModelConfig, init_weights, load_model, logits_at, resolve_checkpoint, save_model
@@ -313,8 +314,8 @@ def checkpoint_dir(out: Path) -> Path:
 
 def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
     ck = checkpoint_dir(out)
-    state = json.loads((ck / "state.json").read_text())
-    tensors = load_file(str(ck / "trainable.safetensors"))
+    state = read_json_object(ck / "state.json")
+    tensors = read_tensors(ck / "trainable.safetensors")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         raise ValueError(f"{ck}/trainable.safetensors: its tensors do not match this run's trainable parameters "
@@ -392,7 +393,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         run["data"]["align"] = file_digest([cfg.align], names=False)
     if cfg.resume:  # before the model is loaded or anything is written
         ck = checkpoint_dir(out)
-        check_resume(ck, json.loads((ck / "state.json").read_text()).get("run"), json.loads(json.dumps(run)))
+        check_resume(ck, read_json_object(ck / "state.json").get("run"), json.loads(json.dumps(run)))
     per_step = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step, all processes
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(task) / per_step))
 
@@ -435,13 +436,12 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                     save_fisher(cache, basis, meta)
         else:
             if cache.exists():
-                f_diag = load_file(str(cache))
+                f_diag = load_diag_fisher(cache, model=model, expect=meta)
             else:
                 with autocast:
                     f_diag = diag_fisher(model, batches, targets=lora.targets, forward=fisher_forward)
                 if master:
-                    save_file({k: v.contiguous() for k, v in f_diag.items()}, str(cache))
-            f_diag = {k: v.to(device) for k, v in f_diag.items()}
+                    save_diag_fisher(cache, f_diag, meta)
         if master:
             print(f"fisher ({cfg.method}): {len(align)} alignment rows, {time.time() - t0:.1f}s -> {cache}", file=sys.stderr)
 

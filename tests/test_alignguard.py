@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 import alignguard
 from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, _inverse_cdf, add_lora, delta_weight,
                         dense_split, diag_fisher, disable_lora, e_rm, eig_topk, estimate_fisher, ewc_penalty, kfac_factors, l2_penalty,
-                        load_adapter, load_fisher, lora_modules, lora_parameters, lora_split, merge_lora, merged_lora, merged_state_dict,
-                        module_penalties, penalties, save_adapter, save_fisher, unmerge_lora, weight_probe)
+                        load_adapter, load_diag_fisher, load_fisher, lora_modules, lora_parameters, lora_split, merge_lora,
+                        merged_lora, merged_state_dict, module_penalties, penalties, save_adapter, save_diag_fisher, save_fisher,
+                        unmerge_lora, weight_probe)
 
 f64 = torch.float64
 
@@ -481,6 +482,37 @@ def test_save_load_fisher_refuses_a_basis_made_for_something_else(tmp_path):
     assert (tmp_path / "other.safetensors").read_bytes() == before
 
 
+def test_save_load_diag_fisher_checks_meta_shapes_and_the_file(tmp_path):
+    """The EWC baseline's cache: a round trip, then each way a file can be wrong names the file and the field
+    (a file cut short, as by a kill mid-write before writes became atomic, was a SafetensorError naming nothing)."""
+    base, batches = tiny(), tiny_batches()
+    f_diag = diag_fisher(base, batches, targets=("up", "down"))
+    meta, path = {"data_hash": "abc", "n_align": 4}, tmp_path / "ewc.safetensors"
+    save_diag_fisher(path, f_diag, meta)
+    loaded = load_diag_fisher(path, base, expect=meta)
+    assert set(loaded) == {"up", "down"}
+    for n in f_diag:
+        torch.testing.assert_close(loaded[n], f_diag[n].float(), check_dtype=False)
+    with pytest.raises(ValueError, match="n_align=4, expected 5"):
+        load_diag_fisher(path, base, expect={**meta, "n_align": 5})
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"'(up|down)' of shape \[\d, \d\] is not a Linear layer of this model of that shape"):
+        load_diag_fisher(path, Tiny(h=9).double())
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file, renamed when complete
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match="cut.safetensors: not a readable safetensors file"):
+        load_diag_fisher(cut)
+    save_fisher(tmp_path / "basis.safetensors", estimate_fisher(base, batches, k=2, kind="empirical",
+                                                                targets=("up",)), meta)
+    with pytest.raises(ValueError, match="not an AlignGuard diagonal Fisher: no 'alignguard_diag_fisher' metadata"):
+        load_diag_fisher(tmp_path / "basis.safetensors")
+    before = (tmp_path / "basis.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="not an AlignGuard diagonal Fisher; refusing to overwrite"):
+        save_diag_fisher(tmp_path / "basis.safetensors", f_diag, meta)
+    assert (tmp_path / "basis.safetensors").read_bytes() == before
+
+
 @pytest.mark.parametrize("theta", [0.03, 0.3])
 def test_load_fisher_refuses_weights_whose_probe_alone_moved(tmp_path, theta):
     """up's W0 rotated by θ towards a W⊥ of the same norm (<W⊥, W0> = 0): ||W0|| is unchanged, so only the weight
@@ -894,6 +926,27 @@ def test_load_adapter_refuses_what_peft_would_compute_differently(tmp_path, fiel
     c[field] = value
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match=f"adapter_config.json: field {message}"):
+        load_adapter(base, tmp_path / "a")
+    assert not lora_modules(base)
+
+
+def test_load_adapter_names_the_file_of_an_unreadable_adapter(tmp_path):
+    """A config that is not JSON, or not an object, and weights cut short: ValueError naming the file, the model as
+    it was (they were json's error without a path, an AttributeError and a SafetensorError)."""
+    model, base = mlp(), mlp()
+    cfg = LoRAConfig(r=4, alpha=8.0, targets=("q_proj",))
+    add_lora(model, cfg)
+    save_adapter(model, tmp_path / "a", "base", cfg)
+    config, weights = tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "adapter_model.safetensors"
+    good = config.read_text()
+    for text, message in (("{\n  'r': 4}", r"adapter_config.json, line 2: not valid JSON"),
+                          ("[1, 2]", "adapter_config.json: expected a JSON object, got list")):
+        config.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_adapter(base, tmp_path / "a")
+    config.write_text(good)
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors file"):
         load_adapter(base, tmp_path / "a")
     assert not lora_modules(base)
 

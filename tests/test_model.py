@@ -340,6 +340,14 @@ def test_missing_checkpoint(tmp_path):
         load_model(tmp_path)
 
 
+def test_truncated_checkpoint_is_named(saved):
+    """A download cut short: a ValueError naming the file (safetensors' own error names nothing)."""
+    st = saved / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"^{re.escape(str(st))}: not a readable safetensors file"):
+        load_model(saved)
+
+
 @pytest.mark.parametrize("change, message", [
     ("drop", r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"),
     ("extra", r"unexpected tensors \['model.layers.9.mlp.up_proj.weight'\]"),

@@ -499,19 +499,26 @@ def test_disk_error_while_saving_keeps_the_previous_checkpoint(tiny_ckpt, task_f
     assert not (out / "checkpoint.tmp").exists()
 
 
-def test_fisher_basis_is_cached_and_reused(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, estimator", [("alignguard", "estimate_fisher"), ("ewc", "diag_fisher")])
+def test_fisher_is_cached_and_reused(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch, capsys, method, estimator):
     cache = tmp_path / "cache"
-    run(tiny_ckpt, task_file, align_file, tmp_path / "a", "--steps", "2", "--fisher-cache", str(cache))
-    files = list(cache.glob("fisher-alignguard-*.safetensors"))
+    run(tiny_ckpt, task_file, align_file, tmp_path / "a", "--steps", "2", "--fisher-cache", str(cache), "--method", method)
+    files = list(cache.glob(f"fisher-{method}-*.safetensors"))
     assert len(files) == 1
 
     def no_estimate(*a, **kw):
-        raise AssertionError("the cached basis should have been reused")
+        raise AssertionError("the cached Fisher should have been reused")
 
-    monkeypatch.setattr(train, "estimate_fisher", no_estimate)
-    run(tiny_ckpt, task_file, align_file, tmp_path / "b", "--steps", "2", "--fisher-cache", str(cache))
+    monkeypatch.setattr(train, estimator, no_estimate)
+    run(tiny_ckpt, task_file, align_file, tmp_path / "b", "--steps", "2", "--fisher-cache", str(cache), "--method", method)
     with pytest.raises(AssertionError, match="reused"):  # other settings, other key: estimated again
-        run(tiny_ckpt, task_file, align_file, tmp_path / "c", "--steps", "2", "--fisher-cache", str(cache), "--k", "3")
+        run(tiny_ckpt, task_file, align_file, tmp_path / "c", "--steps", "2", "--fisher-cache", str(cache), "--method",
+            method, "--n-align", "6")
+    # a cache file cut short (a kill, a full disk) is named, not a traceback from safetensors
+    files[0].write_bytes(files[0].read_bytes()[:64])
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, tmp_path / "d", "--steps", "2", "--fisher-cache", str(cache), "--method", method)
+    assert f"error: {files[0]}: not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_batch_loss_sum_equals_the_loss_over_all_logits(tiny_ckpt, task_file):
