@@ -266,24 +266,34 @@ class LossScaler:
 # ----------------------------------------------------------------------------- checkpoints
 
 # options --resume may change: they decide when to log, evaluate, checkpoint and stop, or where to run,
-# not what is trained; any other difference from the checkpoint's run is refused. The data files are compared
-# by content (the run's "data" digests), not by how their paths are spelled.
+# not what is trained; any other difference from the checkpoint's run is refused. The data files and the model
+# (checkpoint, config and tokenizer) are compared by content (the run's "data" digests), not by how their paths
+# are spelled; the number of processes, which sets the rows of a step, must be the same too.
 RESUMABLE = {"resume", "out", "stop_after", "log_every", "eval_every", "ckpt_every", "device", "fisher_cache", "merge",
-             "grad_checkpoint", "compile_rm", "rm_chunk", "task", "eval_task", "align"}
+             "grad_checkpoint", "compile_rm", "rm_chunk", "task", "eval_task", "align", "ckpt", "init"}
+# what the run records of earlier versions did not hold: compared only when the checkpoint's record has it
+_RECORDED_SINCE = {("data", "model"), ("processes", "world")}
 
 
 def check_resume(ck: Path, saved: dict | None, run: dict):
-    """Refuses to continue a run with other options or data than it was started with, naming what differs."""
+    """Refuses to continue a run with other options or data than it was started with, naming what differs:
+    every field of either record, so a data file given then and not now (or now and not then) is one too."""
     if saved is None:  # a checkpoint from before runs were recorded
         return
     diff = []
-    for part, values in run.items():
-        for k, v in values.items():
-            was, flag = saved.get(part, {}).get(k), "--" + ("lora-" if part == "lora" else "") + k.replace("_", "-")
-            if part == "data" and was != v:
-                diff.append(f"the content of {flag}")
-            elif part != "data" and k not in RESUMABLE and was != v:
-                diff.append(f"{flag}: {was!r} -> {v!r}")
+    for part in sorted(run.keys() | saved.keys()):
+        now, was = run.get(part, {}), saved.get(part, {})
+        for k in sorted(now.keys() | was.keys()):
+            a, b = was.get(k), now.get(k)
+            if a == b or (part != "data" and k in RESUMABLE) or ((part, k) in _RECORDED_SINCE and k not in was):
+                continue
+            flag = "--" + ("lora-" if part == "lora" else "") + ("ckpt" if (part, k) == ("data", "model") else k).replace("_", "-")
+            if part == "processes":
+                diff.append(f"the number of processes: {a} -> {b}")
+            elif part == "data":
+                diff.append(f"the content of {flag}" if a and b else f"{flag} {'not given now' if a else 'not given then'}")
+            else:
+                diff.append(f"{flag}: {a!r} -> {b!r}")
     if diff:
         raise ValueError(f"{ck}: --resume with other options or data than the run it holds ({'; '.join(diff)}); "
                          "resume with the same ones, or start a new run in another --out")
@@ -382,13 +392,17 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         order = torch.randperm(len(task), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         heldout = [task[i] for i in order[:cfg.eval_size]]
         task = [task[i] for i in order[cfg.eval_size:]]
-    # what this run is: a resume must continue the same one (check_resume); data files by content
-    paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("ckpt", "init") if getattr(cfg, k)}  # however spelled
-    run = {"train": {**asdict(cfg), **paths},
+    # what this run is: a resume must continue the same one (check_resume); the model and data files by content
+    model_dir = Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0]  # config.json, tokenizer.json
+    ckpt_files = [] if cfg.init else resolve_checkpoint(cfg.ckpt)[1]
+    model_files = [*ckpt_files, cfg.init or model_dir / "config.json", model_dir / "tokenizer.json"]
+    run = {"train": asdict(cfg),
            "lora": {**asdict(lora), "targets": sorted(lora.targets)},  # a set: their order changes nothing
            "alignguard": asdict(agc),
-           "data": {role: file_digest([f], names=False) for role, f in (("task", cfg.task), ("eval_task", cfg.eval_task))
-                    if f}}
+           "processes": {"world": world},
+           "data": {"model": file_digest(model_files, names=False),
+                    **{role: file_digest([f], names=False) for role, f in (("task", cfg.task), ("eval_task", cfg.eval_task))
+                       if f}}}
     if cfg.method in ("alignguard", "ewc") and Path(cfg.align).is_file():  # a missing one: read_align names it
         run["data"]["align"] = file_digest([cfg.align], names=False)
     if cfg.resume:  # before the model is loaded or anything is written
@@ -403,7 +417,6 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     else:
         base_dtype = dtype if cfg.method != "full" and dtype != torch.float32 else torch.float32
         model = load_model(cfg.ckpt, device=device, dtype=base_dtype)
-    ckpt_files = [] if cfg.init else resolve_checkpoint(cfg.ckpt)[1]
     if master:  # only once the data, tokenizer and checkpoint have been read: bad input leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
 
@@ -413,8 +426,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         align = encode(read_align(cfg.align)[:cfg.n_align], cfg.align)
         batches = [collate(align[i:i + cfg.fisher_batch], tok.pad_id) for i in range(rank * cfg.fisher_batch, len(align), world * cfg.fisher_batch)]
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        tok_file = (Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0]) / "tokenizer.json"
-        meta = {"data_hash": file_digest(ckpt_files + [tok_file, cfg.align])[:16], "k": agc.k, "kind": agc.fisher,
+        meta = {"data_hash": file_digest(ckpt_files + [model_dir / "tokenizer.json", cfg.align])[:16], "k": agc.k, "kind": agc.fisher,
                 "targets": list(lora.targets), "n_align": len(align), "max_len": cfg.max_len, "seed": cfg.seed,
                 "world": world, "dtype": cfg.dtype, "chat_format": tok.chat_format}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -602,7 +614,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         print(file=sys.stderr)
         save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": final_eval, "tokens": tokens_seen, "run": run})
         if cfg.method == "full":
-            save_model(model, out / "model", tokenizer_from=Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0],
+            save_model(model, out / "model", tokenizer_from=model_dir,
                        overwrite=True)
         else:
             meta = {"method": cfg.method, "task_rows": len(task), "lambda_l2": cfg.lambda_l2, "lambda_ewc": cfg.lambda_ewc,
@@ -611,7 +623,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                          overwrite=True)
             if cfg.merge:
                 save_model(model, out / "merged", state_dict=merged_state_dict(model),
-                           tokenizer_from=resolve_checkpoint(cfg.ckpt)[0], overwrite=True)
+                           tokenizer_from=model_dir, overwrite=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"{cfg.method}: eval loss {final_eval:.4f} after {step} steps, {summary['seconds']:.0f}s -> {out}", file=sys.stderr)
     if ddp:

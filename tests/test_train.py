@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import alignguard
 import train
@@ -236,11 +236,23 @@ def test_resume_refuses_other_options_or_data_and_a_missing_checkpoint(tiny_ckpt
         err = capsys.readouterr().err
         assert "--resume with other options or data than the run it holds" in err and message in err, err
         assert sorted(p.name for p in out.iterdir()) == before
+    # another checkpoint of the same shape, or one whose weights changed in place, is another base model
+    other_ckpt = tmp_path / "other_ckpt"
+    shutil.copytree(tiny_ckpt, other_ckpt)
+    weights = load_file(str(other_ckpt / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, str(other_ckpt / "model.safetensors"))
+    with pytest.raises(SystemExit):
+        run(other_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", "--resume")
+    assert "the content of --ckpt" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
     # what only decides when to log, evaluate or stop may change, and the same files and targets may be spelled
-    # differently: --out with a slash, the task file by a relative path, the targets in another order
+    # differently: --out with a slash, the task file by a relative path, the targets in another order, the
+    # checkpoint copied elsewhere
     monkeypatch.chdir(task_file.parent)
-    run(tiny_ckpt, task_file.name, align_file, f"{out}/", "--steps", "4", "--method", "lora", "--log-every", "2",
-        "--lora-targets", "v_proj", "o_proj", "q_proj", "k_proj", "--resume")
+    shutil.copytree(tiny_ckpt, tmp_path / "moved_ckpt")
+    run(tmp_path / "moved_ckpt", task_file.name, align_file, f"{out}/", "--steps", "4", "--method", "lora",
+        "--log-every", "2", "--lora-targets", "v_proj", "o_proj", "q_proj", "k_proj", "--resume")
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     # no checkpoint: refused before the Fisher is estimated or anything is written
     (tmp_path / "empty").mkdir()
@@ -248,6 +260,25 @@ def test_resume_refuses_other_options_or_data_and_a_missing_checkpoint(tiny_ckpt
         run(tiny_ckpt, task_file, align_file, tmp_path / "empty", "--steps", "2", "--resume")
     assert "there is no checkpoint/ to resume from" in capsys.readouterr().err
     assert not any((tmp_path / "empty").iterdir())
+
+
+def test_check_resume_compares_every_field_of_both_records(tmp_path):
+    """A data file given then and not now, or now and not then, and another number of processes (the rows of a
+    step) are refused; a record from before the model digest and the process count were kept is compared on the
+    rest (check_resume once looked only at the fields of the new run)."""
+    run_ = {"train": {"lr": 0.01, "log_every": 1}, "processes": {"world": 2},
+            "data": {"model": "m", "task": "t", "eval_task": "e"}}
+    train.check_resume(tmp_path, json.loads(json.dumps(run_)), {**run_, "train": {"lr": 0.01, "log_every": 5}})
+    for now, message in (({**run_, "data": {"model": "m", "task": "t"}}, "--eval-task not given now"),
+                         ({**run_, "data": {**run_["data"], "align": "a"}}, "--align not given then"),
+                         ({**run_, "processes": {"world": 1}}, "the number of processes: 2 -> 1"),
+                         ({**run_, "data": {**run_["data"], "model": "x"}}, "the content of --ckpt")):
+        with pytest.raises(ValueError, match=f"other options or data than the run it holds \\({message}\\)"):
+            train.check_resume(tmp_path, run_, now)
+    older = {"train": run_["train"], "data": {"task": "t", "eval_task": "e"}}  # no model digest, no process count
+    train.check_resume(tmp_path, older, run_)
+    with pytest.raises(ValueError, match=r"--lr: 0.01 -> 0.1\)"):
+        train.check_resume(tmp_path, older, {**run_, "train": {"lr": 0.1, "log_every": 1}})
 
 
 @pytest.mark.parametrize("option, message", [
