@@ -522,6 +522,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     last = {"eval_loss": state["eval_loss"]} if cfg.resume and state.get("eval_loss") is not None else {}
     t_log, tokens_log = time.time(), 0
     first_step = step
+    saved_step = step if cfg.resume else None  # the step of the checkpoint in --out
     while step < total_steps:
         if cfg.stop_after and step - first_step == cfg.stop_after:
             if master:
@@ -539,6 +540,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             last["eval_loss"] = evaluate()
         if master and cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > 0:
             save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen, "run": run})
+            saved_step = step
         # dropout noise depends on the step only, so a resumed run draws the same masks
         torch.manual_seed(cfg.seed + rank + 7919 * step)
 
@@ -575,9 +577,12 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(task_loss))
         # loss scaling rescues overflowing fp16 gradients, never a non-finite loss itself
         if not bool(torch.isfinite(task_loss)) or (not finite and not scaler.enabled):
+            kept = "no checkpoint was written" if saved_step is None else \
+                f"the last checkpoint, of step {saved_step}, is in {out / 'checkpoint'}"
             raise FloatingPointError(f"step {step}: non-finite loss or gradient (task loss {task_loss.item()}, "
-                                     f"grad norm {grad_norm.item()}); stopping. The last good checkpoint is in "
-                                     f"{out / 'checkpoint'}; lower --lr or use --dtype fp32, then --resume.")
+                                     f"grad norm {grad_norm.item()}); stopping: {kept}. --resume keeps the run's options, "
+                                     "so it would reach this step again: start a new run in another --out with a "
+                                     "lower --lr, or --dtype fp32.")
         if scaler.update(finite):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

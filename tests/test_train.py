@@ -501,7 +501,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, tas
     out = tmp_path / "o"
     with pytest.raises(SystemExit):
         run(tiny_ckpt, task_file, align_file, out, "--steps", "8", "--ckpt-every", "2", "--method", "lora")
-    assert "non-finite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step 4: non-finite" in err and f"the last checkpoint, of step 4, is in {out / 'checkpoint'}" in err, err
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint" / "trainable.safetensors")).values())
@@ -560,13 +561,14 @@ def test_batch_loss_sum_equals_the_loss_over_all_logits(tiny_ckpt, task_file):
     assert train.batch_loss_sum(model, b["input_ids"], b["labels"]).item() == pytest.approx(full.item(), rel=1e-6)
 
 
-def test_non_finite_loss_stops_an_fp16_run_too(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_an_fp16_run_too(tiny_ckpt, task_file, align_file, tmp_path, monkeypatch, capsys):
     """The loss scaler skips steps whose gradients overflow; a non-finite loss itself still stops."""
     real = train.batch_loss_sum
     monkeypatch.setattr(train, "batch_loss_sum", lambda *args: real(*args) * float("nan"))
     with pytest.raises(SystemExit):
         run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "3", "--dtype", "fp16", "--method", "lora")
     assert not (tmp_path / "o" / "adapter").exists()
+    assert "step 0: non-finite" in (err := capsys.readouterr().err) and "no checkpoint was written" in err, err
 
 
 def test_bad_options_are_refused():
