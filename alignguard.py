@@ -266,12 +266,14 @@ def merged_lora(model: nn.Module):
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict with W0 + ΔW in place of W0 and no lora_* keys; the model is untouched."""
-    sd = dict(model.state_dict())  # W0 under `weight`, merged or not
+def merged_state_dict(model: nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The base model's state dict with W0 + ΔW in place of W0 and no lora_* keys, in W0's dtype; the model is
+    untouched. base: the base model's state dict to merge into instead of the model's own, e.g. the fp32
+    checkpoint of a model trained on a bf16 copy of it (rounding W0 + ΔW to bf16 would lose much of a small ΔW)."""
+    sd = dict(model.state_dict()) if base is None else dict(base)  # W0 under `weight`, merged or not
     for name, m in lora_modules(model).items():
-        del sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"]
-        sd[f"{name}.weight"] = _merged(m, sd[f"{name}.weight"])
+        sd.pop(f"{name}.lora_A.weight", None), sd.pop(f"{name}.lora_B.weight", None)
+        sd[f"{name}.weight"] = _merged(m, sd[f"{name}.weight"].to(m.weight.device))
     return sd
 
 

@@ -412,10 +412,10 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(task) / per_step))
 
     # --- model: frozen base weights in the compute dtype, trainable weights in fp32
+    base_dtype = dtype if cfg.method != "full" and not cfg.init else torch.float32
     if cfg.init:
         model = init_weights(Llama(ModelConfig.from_hf(cfg.init)), seed=cfg.seed).to(device)
     else:
-        base_dtype = dtype if cfg.method != "full" and dtype != torch.float32 else torch.float32
         model = load_model(cfg.ckpt, device=device, dtype=base_dtype)
     if master:  # only once the data, tokenizer and checkpoint have been read: bad input leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
@@ -626,8 +626,9 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                     "alignguard": asdict(agc), "fisher_cache": str(cache) if basis is not None else None}
             save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.ckpt), lora_cfg=lora, meta=meta,
                          overwrite=True)
-            if cfg.merge:
-                save_model(model, out / "merged", state_dict=merged_state_dict(model),
+            if cfg.merge:  # into fp32 base weights: a bf16 or fp16 base was a compute copy
+                base = None if base_dtype == torch.float32 else load_model(cfg.ckpt, device=device).state_dict()
+                save_model(model, out / "merged", state_dict=merged_state_dict(model, base),
                            tokenizer_from=model_dir, overwrite=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"{cfg.method}: eval loss {final_eval:.4f} after {step} steps, {summary['seconds']:.0f}s -> {out}", file=sys.stderr)

@@ -348,6 +348,23 @@ def test_cli_writes_every_output_and_peft_loads_the_adapter(tiny_ckpt, task_file
     assert (a - b).abs().max() < 1e-4
 
 
+def test_merge_of_a_bf16_run_adds_delta_w_to_the_fp32_checkpoint(tiny_ckpt, task_file, align_file, tmp_path):
+    """--dtype bf16 trains on a bf16 copy of the base; --merge adds ΔW to the checkpoint's own fp32 W0 and writes
+    fp32 (it rounded W0 + ΔW to bf16, an error of ~0.4% of W0 in every merged weight, most of a small ΔW)."""
+    out = tmp_path / "o"
+    run(tiny_ckpt, task_file, align_file, out, "--steps", "3", "--method", "lora", "--dtype", "bf16", "--merge")
+    W0, merged, ad = load_file(str(tiny_ckpt / "model.safetensors")), load_file(str(out / "merged" / "model.safetensors")), \
+        adapter(out)
+    assert json.loads((out / "merged" / "config.json").read_text())["torch_dtype"] == "float32"
+    s = 16 / 8  # LoRAConfig's defaults: alpha 16, r 8
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        m = key.removesuffix(".weight")
+        dW = s * ad[f"base_model.model.{m}.lora_B.weight"] @ ad[f"base_model.model.{m}.lora_A.weight"]
+        assert dW.abs().max() > 0 and merged[key].dtype == torch.float32
+        torch.testing.assert_close(merged[key], W0[key] + dW, rtol=0, atol=1e-6)
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], W0["model.layers.0.mlp.up_proj.weight"])
+
+
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_ckpt, task_file, align_file, tmp_path):
     common = ["--ckpt", str(tiny_ckpt), "--task", str(task_file), "--align", str(align_file), "--eval-size", "8",
               "--max-len", "64", "--steps", "3", "--lr", "1e-2", "--warmup", "1", "--k", "4", "--n-align", "8",
