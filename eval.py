@@ -34,6 +34,7 @@ Everything is a function of (model, tok, rows), so train.py and notebooks use th
 
 import argparse
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from alignguard import disable_lora, load_adapter, merged_lora, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
                   read_driftcheck, read_mc, read_prompts_csv, read_task)
-from model import generate, load_model, logits_at
+from model import checkpoint_digest, generate, load_model, logits_at
 
 
 @dataclass
@@ -632,10 +633,9 @@ def format_report(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def adapter_info(path: Path) -> tuple[str | None, int | None]:
-    """(method, task-set size D) recorded with a trained adapter: "meta" of alignguard.json in the
-    adapter directory (train.py writes the method there), else summary.json in the run directory
-    above it. D is read from a "task_rows" key; None where nothing says."""
+def training_meta(path: Path) -> dict:
+    """What train.py recorded with an adapter: "meta" of alignguard.json in the adapter directory, else
+    summary.json in the run directory above it; {} where neither says which method made it."""
     for file, key in ((path / "alignguard.json", "meta"), (path.parent / "summary.json", None)):
         if file.is_file():
             try:
@@ -644,8 +644,30 @@ def adapter_info(path: Path) -> tuple[str | None, int | None]:
                 raise ValueError(f"{file}, line {e.lineno}: not valid JSON ({e.msg})") from None
             meta = meta.get(key, {}) if key and isinstance(meta, dict) else meta
             if isinstance(meta, dict) and meta.get("method"):
-                return meta["method"], meta.get("task_rows")
-    return None, None
+                return meta
+    return {}
+
+
+def adapter_info(path: Path) -> tuple[str | None, int | None]:
+    """(method, task-set size D) recorded with a trained adapter (training_meta); D is read from a "task_rows"
+    key; None where nothing says."""
+    meta = training_meta(path)
+    return meta.get("method"), meta.get("task_rows")
+
+
+def adapter_mismatches(path: Path, ckpt_digest, chat_format: str) -> list[str]:
+    """Where an adapter's training differs from this evaluation, as alignguard.json records it: another base
+    model (model.checkpoint_digest of the checkpoint it was trained from; ckpt_digest() gives --ckpt's, called
+    only when there is one to compare) or another chat format. Shapes alone cannot tell a base of the same shape."""
+    meta, found = training_meta(path), []
+    if meta.get("base_digest") and meta["base_digest"] != ckpt_digest():
+        found.append(f"{path} was trained on another base model than --ckpt (the checkpoint, config.json or "
+                     "tokenizer.json differ from the ones alignguard.json records): its scores compare it with a base "
+                     "it was not trained from")
+    if meta.get("chat_format") not in (None, chat_format):
+        found.append(f"{path} was trained with chat format {meta['chat_format']!r}, this evaluation prompts in "
+                     f"{chat_format!r} (--chat-format)")
+    return found
 
 
 def report_paths(out: str) -> tuple[Path, Path]:
@@ -683,8 +705,11 @@ def run(cfg: EvalConfig, judge=None, toxicity=None) -> dict:
     if len(set(names)) < len(names):
         names = [str(a) for a in adapters]
     infos = []
+    ckpt_digest = functools.cache(lambda: checkpoint_digest(cfg.ckpt))
     for a in adapters:  # each adapter is read, and must fit the base, before the base's minutes of scoring
         infos.append(adapter_info(a))
+        for problem in adapter_mismatches(a, ckpt_digest, tok.chat_format):
+            print(f"warning: {problem}", file=sys.stderr)
         load_adapter(model, a)  # on an error it leaves the model as it was
         remove_lora(model)
     with autocast:

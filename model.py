@@ -20,6 +20,7 @@ of q_proj and k_proj inside each head. To bring Meta weights here, apply per wei
 (with nkv instead of nh for k_proj). This file only ever uses the rotate-half layout.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -399,6 +400,20 @@ def resolve_checkpoint(path) -> tuple[Path, list[Path]]:
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: expected a .safetensors file, an .index.json or a directory")
     return path.parent, [path]
+
+
+def checkpoint_digest(path) -> str:
+    """sha256 of the checkpoint's contents, wherever it lies: every safetensors shard, then config.json and
+    tokenizer.json beside them (those present). train.py records it with a run (--resume compares it) and in the
+    adapter's alignguard.json; eval.py compares an adapter's with --ckpt's."""
+    folder, shards = resolve_checkpoint(path)
+    h = hashlib.sha256()
+    for p in [*shards, folder / "config.json", folder / "tokenizer.json"]:
+        if p.is_file():
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 def _open_shard(shard: Path):

@@ -34,7 +34,8 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, dis
                         save_adapter, save_diag_fisher, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
-from model import Llama, ModelConfig, init_weights, load_model, logits_at, resolve_checkpoint, save_model
+from model import (Llama, ModelConfig, checkpoint_digest, init_weights, load_model, logits_at, resolve_checkpoint,
+                   save_model)
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -395,12 +396,13 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     # what this run is: a resume must continue the same one (check_resume); the model and data files by content
     model_dir = Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0]  # config.json, tokenizer.json
     ckpt_files = [] if cfg.init else resolve_checkpoint(cfg.ckpt)[1]
-    model_files = [*ckpt_files, cfg.init or model_dir / "config.json", model_dir / "tokenizer.json"]
+    base_digest = file_digest([cfg.init, model_dir / "tokenizer.json"], names=False) if cfg.init else \
+        checkpoint_digest(cfg.ckpt)
     run = {"train": asdict(cfg),
            "lora": {**asdict(lora), "targets": sorted(lora.targets)},  # a set: their order changes nothing
            "alignguard": asdict(agc),
            "processes": {"world": world},
-           "data": {"model": file_digest(model_files, names=False),
+           "data": {"model": base_digest,
                     **{role: file_digest([f], names=False) for role, f in (("task", cfg.task), ("eval_task", cfg.eval_task))
                        if f}}}
     if cfg.method in ("alignguard", "ewc") and Path(cfg.align).is_file():  # a missing one: read_align names it
@@ -623,9 +625,11 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                        overwrite=True)
         else:
             meta = {"method": cfg.method, "task_rows": len(task), "lambda_l2": cfg.lambda_l2, "lambda_ewc": cfg.lambda_ewc,
-                    "alignguard": asdict(agc), "fisher_cache": str(cache) if basis is not None else None}
-            save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.ckpt), lora_cfg=lora, meta=meta,
-                         overwrite=True)
+                    "alignguard": asdict(agc), "fisher_cache": str(cache) if basis is not None else None,
+                    "base_digest": base_digest, "chat_format": tok.chat_format, "max_len": cfg.max_len}
+            # the base's directory, absolute: what PEFT's AutoPeftModelForCausalLM loads the base from
+            save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir.resolve()), lora_cfg=lora,
+                         meta=meta, overwrite=True)
             if cfg.merge:  # into fp32 base weights: a bf16 or fp16 base was a compute copy
                 base = None if base_dtype == torch.float32 else load_model(cfg.ckpt, device=device).state_dict()
                 save_model(model, out / "merged", state_dict=merged_state_dict(model, base),

@@ -6,6 +6,7 @@ DRIFTCHECK scoring on the tiny checkpoint of conftest.py, and the report CLI."""
 import contextlib
 import json
 import random
+import shutil
 from collections import Counter
 from dataclasses import fields
 
@@ -18,7 +19,7 @@ import eval as ev
 from alignguard import LoRAConfig, add_lora, disable_lora, load_adapter, lora_modules, remove_lora, save_adapter
 from conftest import REFUSAL, SAFE, SENTIMENT, UNSAFE, write_jsonl
 from data import encode_example, encode_text, load_tokenizer, read_align
-from model import Llama, ModelConfig, init_weights, load_model
+from model import Llama, ModelConfig, checkpoint_digest, init_weights, load_model
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -505,11 +506,15 @@ def test_cli_writes_the_report_and_refuses_to_overwrite(tiny_ckpt, align_file, t
     ho = write_jsonl(tmp_path / "heldout.jsonl", [{"text": s} for s in SENTIMENT])
     a1 = make_adapter(tiny_ckpt, tmp_path / "run-lora" / "adapter", LoRAConfig(r=4, targets=("q_proj", "v_proj")), "lora", 0)
     a2 = make_adapter(tiny_ckpt, tmp_path / "run-ag" / "adapter", LoRAConfig(r=2, targets=("o_proj",)), "alignguard", 1)
+    info = json.loads((a2 / "alignguard.json").read_text())
+    info["meta"]["chat_format"] = "plain"  # trained in another format than the tiny checkpoint's chatml: a warning
+    (a2 / "alignguard.json").write_text(json.dumps(info))
     out = tmp_path / "rep" / "report"
     argv = ["--ckpt", str(tiny_ckpt), "--adapter", str(a1), "--adapter", str(a2), "--driftcheck", str(dc),
             "--task-dev", str(mc), "--heldout", str(ho), "--align", str(align_file), "--out", str(out),
             "--max-new-tokens", "4", "--batch-size", "4", "--no-progress", "--limit", "8"]
     ev.main(argv)
+    assert f"warning: {a2} was trained with chat format 'plain'" in capsys.readouterr().err
     md, js = (tmp_path / "rep" / "report.md"), (tmp_path / "rep" / "report.json")
     report = json.loads(js.read_text())
     names = [m["name"] for m in report["models"]]
@@ -573,6 +578,36 @@ def test_load_eval_data_reads_csv_prompt_sets(tmp_path):
         ev.load_eval_data(ev.EvalConfig(csv=str(tmp_path / "harmful.csv")))
     with pytest.raises(ValueError, match="--sizes gives 1 values for 0 --adapter"):
         ev.EvalConfig(sizes=(100,))
+
+
+def test_adapter_mismatches_names_another_base_or_chat_format(tiny_ckpt, tmp_path):
+    """An adapter whose alignguard.json records another base (by content: a copy elsewhere is the same base) or
+    another chat format than the evaluation's; the base is hashed only when the adapter records a digest."""
+    a = tmp_path / "run" / "adapter"
+    a.mkdir(parents=True)
+    calls = []
+
+    def digest():
+        calls.append(1)
+        return checkpoint_digest(tiny_ckpt)
+
+    def meta(**kw):
+        (a / "alignguard.json").write_text(json.dumps({"meta": {"method": "lora", **kw}}))
+
+    meta(chat_format="chatml")
+    assert ev.adapter_mismatches(a, digest, "chatml") == [] and not calls
+    assert ev.adapter_mismatches(a, digest, "plain") == [
+        f"{a} was trained with chat format 'chatml', this evaluation prompts in 'plain' (--chat-format)"]
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_ckpt, copy)
+    meta(base_digest=checkpoint_digest(copy), chat_format="chatml")
+    assert ev.adapter_mismatches(a, digest, "chatml") == [] and calls
+    w = load_file(str(copy / "model.safetensors"))
+    w["model.norm.weight"] = w["model.norm.weight"] + 1e-3
+    save_file(w, str(copy / "model.safetensors"))
+    meta(base_digest=checkpoint_digest(copy))
+    (problem,) = ev.adapter_mismatches(a, digest, "chatml")
+    assert problem.startswith(f"{a} was trained on another base model than --ckpt")
 
 
 def test_adapter_info_reads_the_training_metadata(tmp_path):

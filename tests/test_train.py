@@ -24,7 +24,7 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, kfa
                         lora_parameters, penalties)
 from conftest import REFUSAL, SENTIMENT, write_jsonl
 from data import collate, encode_example, load_tokenizer, read_task
-from model import load_model
+from model import checkpoint_digest, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,6 +336,10 @@ def test_cli_writes_every_output_and_peft_loads_the_adapter(tiny_ckpt, task_file
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "R_A", "R_T", "E_rm", "E_geo"):
         assert key in rows[-1], key
     assert math.isfinite(summary["eval_loss"])
+    meta = json.loads((out / "adapter" / "alignguard.json").read_text())["meta"]
+    assert meta["base_digest"] == checkpoint_digest(tiny_ckpt) and meta["chat_format"] == "chatml"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_ckpt.resolve())  # where PEFT's AutoPeftModel finds the base
 
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
