@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -503,14 +504,25 @@ def kfac_factors(model: nn.Module, batches, kind: str = "true", forward=None, ge
     return out
 
 
-def eig_topk(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs (U, λ) of a symmetric PSD factor, λ descending, k clamped to the dimension.
+EIG_RTOL = 1e-6  # eigenvalues at or below EIG_RTOL·λ_max are the factor's null space, not alignment directions
+
+
+def eig_topk(M: torch.Tensor, k: int, rtol: float = EIG_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs (U, λ) of a symmetric PSD factor, λ descending; k clamped to the dimension and to the
+    eigenvalues above rtol·λ_max (at least one). A factor of lower rank than k (fewer alignment tokens than its
+    dimension, an input that spans a subspace) has a null space whose eigenvectors are arbitrary: counted in
+    the basis, an update along them would cost nothing in R_A (g_i·a_j ≈ 0) and escape R_T (it is in ΔW_A);
+    left out, it is task-specific, in R_T's trust region. 1e-6 lies above the fp32 rounding of the products
+    x xᵀ (a rank-3 factor of width 64 from 3 tokens: null eigenvalues 1e-8 λ_max) and far below the top-k
+    of a real model's factors.
     eigh runs in fp64: the small eigenvalues of a token second moment sit near fp32 rounding."""
     vals, vecs = torch.linalg.eigh(M.double())  # ascending
+    vals = vals.clamp_min(0)  # PSD: a negative value is rounding
     k = min(k, M.shape[0])
+    k = max(1, int((vals[-k:] > rtol * vals[-1]).sum()))
     # eigh returns column-major vectors; a row-major copy makes every later matmul take the same
     # kernel as a basis read back from disk, so a resumed run computes bit-identical penalties
-    return vecs[:, -k:].flip(1).contiguous(), vals[-k:].flip(0).clamp_min(0)  # PSD: a negative value is rounding
+    return vecs[:, -k:].flip(1).contiguous(), vals[-k:].flip(0)
 
 
 def weight_probe(W: torch.Tensor) -> torch.Tensor:
@@ -530,11 +542,17 @@ def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forwa
     an fp64 model) on the module's device: that is all the penalties need."""
     factors = kfac_factors(model, batches, kind, forward, generator, targets)
     named = dict(model.named_modules())
-    basis = {}
+    basis, short = {}, []
     for n, (A_bar, G_bar, N) in factors.items():
         W = named[n].weight
         (U_g, g), (U_a, a) = eig_topk(G_bar, k), eig_topk(A_bar, k)
         basis[n] = FisherBasis(U_g, g, U_a, a, N, W.float().norm().item(), weight_probe(W)).to(W.device, _f32(W).dtype)
+        short += [f"{n} {what} {U.shape[1]}" for what, U, d in (("Ḡ", U_g, W.shape[0]), ("Ā", U_a, W.shape[1]))
+                  if U.shape[1] < min(k, d)]
+    if short:
+        warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
+                      f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"
+                      f"{' ...' if len(short) > 6 else ''}")
     return basis
 
 

@@ -328,6 +328,41 @@ def test_eig_topk_are_the_top_eigenpairs_of_numpy(k):
     torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=f64), rtol=0, atol=1e-12)
 
 
+def test_eig_topk_leaves_out_a_factors_null_space():
+    """A factor of rank 3 in width 64 (three fp32 tokens, as from a small alignment set): eig_topk(M, 32) keeps
+    the 3 directions above 1e-6·λ_max; the other 29 were arbitrary vectors of its null space, with λ ~1e-8 λ_max
+    from rounding, that made an update there free of both R_A and R_T."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 64, generator=g)  # (tokens, d)
+    M = sum(torch.outer(x, x).double() for x in X)  # fp32 products summed in fp64, as kfac_factors does
+    U, lam = eig_topk(M, 32)
+    assert U.shape == (64, 3) and lam.shape == (3,)
+    vals = np.linalg.eigvalsh(M.numpy())[::-1]
+    np.testing.assert_allclose(lam.numpy(), vals[:3], rtol=1e-10)
+    assert 0 < vals[3] < 1e-6 * vals[0]  # what is left out is rounding, not a small real eigenvalue
+    torch.testing.assert_close(U @ U.T @ X.double().T, X.double().T)  # the kept U spans every token
+    assert eig_topk(torch.zeros(5, 5, dtype=f64), 3)[0].shape == (5, 1)  # a zero factor keeps one direction
+
+
+def test_a_rank_deficient_fisher_leaves_its_null_space_to_the_trust_region():
+    """Tiny's up_proj reads 6-d embeddings of 2 distinct tokens: Ā has rank 2. The basis keeps 2 input directions
+    (with a warning naming the factor), and an update that reads an unseen input direction lies in ΔW_T: R_T is
+    its whole ||ΔW||², where the null eigenvectors took it into ΔW_A, penalised by neither term."""
+    base = tiny()
+    ids = torch.tensor([[1, 2, 1, 2, 1, 2]])
+    batch = {"input_ids": ids, "labels": torch.tensor([[-100, 2, 1, 2, 1, 2]])}
+    with pytest.warns(UserWarning, match=r"fewer than k = 4 eigenvalues .*up Ā 2"):
+        basis = estimate_fisher(base, [batch], k=4, kind="empirical", targets=("up",))
+    fb = basis["up"]
+    assert fb.U_a.shape == (6, 2) and fb.U_g.shape[1] <= 4
+    x = base.emb.weight[[1, 2]].detach()  # (2, 6): the only inputs up_proj saw
+    torch.testing.assert_close(fb.U_a @ fb.U_a.T @ x.T, x.T)
+    v = torch.linalg.svd(x, full_matrices=True).Vh[-1]  # (6,) orthogonal to both inputs
+    A, B = v[None, :], fb.U_g[:, :1] * 3.0  # ΔW = 3 u_g,1 vᵀ, ||ΔW||² = 9
+    t = module_penalties(A, B, 1.0, fb.U_g, fb.g, fb.U_a, fb.a)
+    assert t["R_T"].item() == pytest.approx(9.0, rel=1e-9) and t["R_A"].item() == pytest.approx(0.0, abs=1e-20)
+
+
 def test_categorical_draws_follow_the_rows_probabilities():
     """alignguard._categorical (the true Fisher's ŷ ~ p) against p itself: 100,000 draws per row, frequencies
     within 5 standard deviations of p / Σp, zero-probability tokens never drawn, mass at either end found."""
