@@ -215,8 +215,8 @@ def delta_weight(m: LoRALinear) -> torch.Tensor:
 
 
 def _merged(m: LoRALinear, W0: torch.Tensor) -> torch.Tensor:
-    """W0 + ΔW, summed in fp32 and rounded once to W0's dtype."""
-    return (_f32(W0) + delta_weight(m)).to(W0.dtype)
+    """W0 + ΔW, summed in fp32 on W0's device and rounded once to W0's dtype."""
+    return (_f32(W0) + delta_weight(m).to(W0.device)).to(W0.dtype)
 
 
 @torch.no_grad()
@@ -274,7 +274,7 @@ def merged_state_dict(model: nn.Module, base: dict[str, torch.Tensor] | None = N
     sd = dict(model.state_dict()) if base is None else dict(base)  # W0 under `weight`, merged or not
     for name, m in lora_modules(model).items():
         sd.pop(f"{name}.lora_A.weight", None), sd.pop(f"{name}.lora_B.weight", None)
-        sd[f"{name}.weight"] = _merged(m, sd[f"{name}.weight"].to(m.weight.device))
+        sd[f"{name}.weight"] = _merged(m, sd[f"{name}.weight"])
     return sd
 
 

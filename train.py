@@ -630,8 +630,8 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             # the base's directory, absolute: what PEFT's AutoPeftModelForCausalLM loads the base from
             save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir.resolve()), lora_cfg=lora,
                          meta=meta, overwrite=True)
-            if cfg.merge:  # into fp32 base weights: a bf16 or fp16 base was a compute copy
-                base = None if base_dtype == torch.float32 else load_model(cfg.ckpt, device=device).state_dict()
+            if cfg.merge:  # into fp32 base weights, on the CPU: a bf16 or fp16 base was a compute copy
+                base = None if base_dtype == torch.float32 else load_model(cfg.ckpt).state_dict()
                 save_model(model, out / "merged", state_dict=merged_state_dict(model, base),
                            tokenizer_from=model_dir, overwrite=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
