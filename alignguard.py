@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 
@@ -517,12 +517,24 @@ def eig_topk(M: torch.Tensor, k: int, rtol: float = EIG_RTOL) -> tuple[torch.Ten
     of a real model's factors.
     eigh runs in fp64: the small eigenvalues of a token second moment sit near fp32 rounding."""
     vals, vecs = torch.linalg.eigh(M.double())  # ascending
-    vals = vals.clamp_min(0)  # PSD: a negative value is rounding
-    k = min(k, M.shape[0])
-    k = max(1, int((vals[-k:] > rtol * vals[-1]).sum()))
+    lam = vals.clamp_min(0).flip(0)[:k]  # descending; PSD: a negative value is rounding
+    k = _above(lam, rtol)
     # eigh returns column-major vectors; a row-major copy makes every later matmul take the same
     # kernel as a basis read back from disk, so a resumed run computes bit-identical penalties
-    return vecs[:, -k:].flip(1).contiguous(), vals[-k:].flip(0)
+    return vecs.flip(1)[:, :k].contiguous(), lam[:k]
+
+
+def _above(lam: torch.Tensor, rtol: float = EIG_RTOL) -> int:
+    """How many of the descending eigenvalues lam lie above rtol·λ_max (none of a zero factor's)."""
+    return int((lam > rtol * lam[0]).sum()) if lam.numel() else 0
+
+
+def _warn_short(short: list[str], k):
+    """Says which Fisher factors keep fewer than k directions (eig_topk, load_fisher)."""
+    if short:
+        warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
+                      f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"
+                      f"{' ...' if len(short) > 6 else ''}")
 
 
 def weight_probe(W: torch.Tensor) -> torch.Tensor:
@@ -549,10 +561,7 @@ def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forwa
         basis[n] = FisherBasis(U_g, g, U_a, a, N, W.float().norm().item(), weight_probe(W)).to(W.device, _f32(W).dtype)
         short += [f"{n} {what} {U.shape[1]}" for what, U, d in (("Ḡ", U_g, W.shape[0]), ("Ā", U_a, W.shape[1]))
                   if U.shape[1] < min(k, d)]
-    if short:
-        warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
-                      f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"
-                      f"{' ...' if len(short) > 6 else ''}")
+    _warn_short(short, k)
     return basis
 
 
@@ -567,13 +576,20 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
-def read_tensors(path) -> dict[str, torch.Tensor]:
-    """safetensors' load_file, with a ValueError that names the file when it is not one (cut short by a kill or a
-    full disk, or another format): safetensors raises its own SafetensorError, which names nothing."""
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, with a ValueError that names the file when it is not one
+    (cut short by a kill or a full disk, or another format): safetensors raises its own SafetensorError, which
+    names nothing."""
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (read_safetensors)."""
+    return read_safetensors(path)[0]
 
 
 def read_json_object(path) -> dict:
@@ -598,17 +614,11 @@ def _is_fisher_file(path, key: str = "alignguard_fisher") -> bool:
         return False
 
 
-def _read_fisher_file(path, key: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(header, tensors) of a Fisher file written by save_fisher or save_diag_fisher; ValueError naming the file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get(key)
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if header is None:
-        raise ValueError(f"{path} is not an AlignGuard {what}: no {key!r} metadata")
-    return json.loads(header), tensors
+def _read_fisher_file(path, key: str, what: str) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(header, tensors) of a Fisher file written by save_fisher or save_diag_fisher; the header None when the
+    file has no such metadata."""
+    tensors, metadata = read_safetensors(path)
+    return (None if key not in metadata else json.loads(metadata[key])), tensors
 
 
 def save_fisher(path, basis: dict[str, FisherBasis], meta: dict):
@@ -636,12 +646,20 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
     modules are not the basis's modules.
     Tensors go to each module's device."""
     info, tensors = _read_fisher_file(path, "alignguard_fisher", "Fisher basis")
+    if info is None:
+        raise ValueError(f"{path} is not an AlignGuard Fisher basis: no 'alignguard_fisher' metadata")
     for key, want in (expect or {}).items():
         if info["meta"].get(key) != want:
             raise ValueError(f"{path}: the Fisher basis has {key}={info['meta'].get(key)!r}, expected {want!r}")
-    basis = {n: FisherBasis(*(tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a")), d["n_tokens"], d["w0_norm"],
-                            torch.tensor(d["w0_probe"]) if "w0_probe" in d else None)
-             for n, d in info["modules"].items()}
+    basis, short = {}, []
+    for n, d in info["modules"].items():
+        U_g, g, U_a, a = (tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a"))
+        # a basis saved before eig_topk left out a factor's null space: the same cut here
+        k_g, k_a = _above(g), _above(a)
+        short += [f"{n} {what} {k_}" for what, k_, k0 in (("Ḡ", k_g, len(g)), ("Ā", k_a, len(a))) if k_ < k0]
+        basis[n] = FisherBasis(U_g[:, :k_g], g[:k_g], U_a[:, :k_a], a[:k_a], d["n_tokens"], d["w0_norm"],
+                               torch.tensor(d["w0_probe"]) if "w0_probe" in d else None)
+    _warn_short(short, info["meta"].get("k", "its k"))
     if model is None:
         return basis
     adapted, named = lora_modules(model), dict(model.named_modules())
@@ -704,10 +722,14 @@ def save_diag_fisher(path, f_diag: dict[str, torch.Tensor], meta: dict):
 
 def load_diag_fisher(path, model: nn.Module | None = None, expect: dict | None = None) -> dict[str, torch.Tensor]:
     """Inverse of save_diag_fisher: ValueError naming the mismatch when a key of `expect` differs from the saved
-    meta or, given `model`, a module is not a Linear layer of it with F_diag's shape. Tensors go to each module's
-    device."""
+    meta or, given `model`, a module is not a Linear layer of it with F_diag's shape. Given `model`, a file without
+    meta (train.py's cache before it recorded one) is read on the shape check alone. Tensors go to each
+    module's device."""
     info, f_diag = _read_fisher_file(path, "alignguard_diag_fisher", "diagonal Fisher")
-    for key, want in (expect or {}).items():
+    if info is None and model is None:
+        raise ValueError(f"{path} is not an AlignGuard diagonal Fisher: no 'alignguard_diag_fisher' metadata")
+    # a file without the metadata, as train.py wrote before it kept any, is checked against the model alone
+    for key, want in (expect or {}).items() if info is not None else ():
         if info["meta"].get(key) != want:
             raise ValueError(f"{path}: the diagonal Fisher has {key}={info['meta'].get(key)!r}, expected {want!r}")
     if model is None:

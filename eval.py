@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignguard import disable_lora, load_adapter, merged_lora, remove_lora
+from alignguard import disable_lora, load_adapter, merged_lora, read_json_object, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
                   read_driftcheck, read_mc, read_prompts_csv, read_task)
 from model import checkpoint_digest, generate, load_model, logits_at
@@ -638,11 +638,8 @@ def training_meta(path: Path) -> dict:
     summary.json in the run directory above it; {} where neither says which method made it."""
     for file, key in ((path / "alignguard.json", "meta"), (path.parent / "summary.json", None)):
         if file.is_file():
-            try:
-                meta = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}, line {e.lineno}: not valid JSON ({e.msg})") from None
-            meta = meta.get(key, {}) if key and isinstance(meta, dict) else meta
+            meta = read_json_object(file)
+            meta = meta.get(key, {}) if key else meta
             if isinstance(meta, dict) and meta.get("method"):
                 return meta
     return {}

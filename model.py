@@ -403,12 +403,12 @@ def resolve_checkpoint(path) -> tuple[Path, list[Path]]:
 
 
 def checkpoint_digest(path) -> str:
-    """sha256 of the checkpoint's contents, wherever it lies: every safetensors shard, then config.json and
-    tokenizer.json beside them (those present). train.py records it with a run (--resume compares it) and in the
-    adapter's alignguard.json; eval.py compares an adapter's with --ckpt's."""
+    """sha256 of the checkpoint's contents, wherever it lies: every safetensors shard, then the JSON files beside
+    them that decide the model, its tokens and its chat template (those present). train.py records it with a run
+    (--resume compares it) and in the adapter's alignguard.json; eval.py compares an adapter's with --ckpt's."""
     folder, shards = resolve_checkpoint(path)
     h = hashlib.sha256()
-    for p in [*shards, folder / "config.json", folder / "tokenizer.json"]:
+    for p in [*shards, *(folder / f"{name}.json" for name in ("config", "tokenizer", "tokenizer_config", "generation_config"))]:
         if p.is_file():
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -272,7 +273,8 @@ class LossScaler:
 # are spelled; the number of processes, which sets the rows of a step, must be the same too.
 RESUMABLE = {"resume", "out", "stop_after", "log_every", "eval_every", "ckpt_every", "device", "fisher_cache", "merge",
              "grad_checkpoint", "compile_rm", "rm_chunk", "task", "eval_task", "align", "ckpt", "init"}
-# what the run records of earlier versions did not hold: compared only when the checkpoint's record has it
+# what the run records of earlier versions did not hold: compared only when the checkpoint's record has it (a
+# record without the model's digest has its resolved --ckpt / --init path compared instead)
 _RECORDED_SINCE = {("data", "model"), ("processes", "world")}
 
 
@@ -281,14 +283,16 @@ def check_resume(ck: Path, saved: dict | None, run: dict):
     every field of either record, so a data file given then and not now (or now and not then) is one too."""
     if saved is None:  # a checkpoint from before runs were recorded
         return
-    diff = []
+    diff, by_path = [], "model" not in saved.get("data", {})
+    model_flag = "init" if run.get("train", {}).get("init") else "ckpt"
     for part in sorted(run.keys() | saved.keys()):
         now, was = run.get(part, {}), saved.get(part, {})
         for k in sorted(now.keys() | was.keys()):
             a, b = was.get(k), now.get(k)
-            if a == b or (part != "data" and k in RESUMABLE) or ((part, k) in _RECORDED_SINCE and k not in was):
+            resumable = k in RESUMABLE and not (by_path and part == "train" and k in ("ckpt", "init"))
+            if a == b or (part != "data" and resumable) or ((part, k) in _RECORDED_SINCE and k not in was):
                 continue
-            flag = "--" + ("lora-" if part == "lora" else "") + ("ckpt" if (part, k) == ("data", "model") else k).replace("_", "-")
+            flag = "--" + ("lora-" if part == "lora" else "") + (model_flag if (part, k) == ("data", "model") else k).replace("_", "-")
             if part == "processes":
                 diff.append(f"the number of processes: {a} -> {b}")
             elif part == "data":
@@ -338,7 +342,10 @@ def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
-    blob = torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False)  # to each param's device below
+    try:
+        blob = torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False)  # to each param's device below
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{ck / 'optimizer.pt'}: not a readable optimizer state ({e})") from None
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"]["torch"])
     if blob["rng"]["cuda"]:
@@ -395,17 +402,19 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         task = [task[i] for i in order[cfg.eval_size:]]
     # what this run is: a resume must continue the same one (check_resume); the model and data files by content
     model_dir = Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0]  # config.json, tokenizer.json
-    ckpt_files = [] if cfg.init else resolve_checkpoint(cfg.ckpt)[1]
     base_digest = file_digest([cfg.init, model_dir / "tokenizer.json"], names=False) if cfg.init else \
         checkpoint_digest(cfg.ckpt)
-    run = {"train": asdict(cfg),
+    paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("ckpt", "init") if getattr(cfg, k)}  # however spelled
+    run = {"train": {**asdict(cfg), **paths},
            "lora": {**asdict(lora), "targets": sorted(lora.targets)},  # a set: their order changes nothing
            "alignguard": asdict(agc),
            "processes": {"world": world},
            "data": {"model": base_digest,
                     **{role: file_digest([f], names=False) for role, f in (("task", cfg.task), ("eval_task", cfg.eval_task))
                        if f}}}
-    if cfg.method in ("alignguard", "ewc") and Path(cfg.align).is_file():  # a missing one: read_align names it
+    if cfg.method in ("alignguard", "ewc"):
+        if not Path(cfg.align).is_file():  # named here, before a resume would call it "not given now"
+            raise FileNotFoundError(f"--align {cfg.align}: no such file (the alignment set for the Fisher)")
         run["data"]["align"] = file_digest([cfg.align], names=False)
     if cfg.resume:  # before the model is loaded or anything is written
         ck = checkpoint_dir(out)
@@ -428,7 +437,9 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         align = encode(read_align(cfg.align)[:cfg.n_align], cfg.align)
         batches = [collate(align[i:i + cfg.fisher_batch], tok.pad_id) for i in range(rank * cfg.fisher_batch, len(align), world * cfg.fisher_batch)]
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        meta = {"data_hash": file_digest(ckpt_files + [model_dir / "tokenizer.json", cfg.align])[:16], "k": agc.k, "kind": agc.fisher,
+        # the base and the alignment set, each read once: the digests of the run record
+        data_hash = hashlib.sha256(f"{base_digest} {run['data']['align']}".encode()).hexdigest()[:16]
+        meta = {"data_hash": data_hash, "k": agc.k, "kind": agc.fisher,
                 "targets": list(lora.targets), "n_align": len(align), "max_len": cfg.max_len, "seed": cfg.seed,
                 "world": world, "dtype": cfg.dtype, "chat_format": tok.chat_format}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -540,8 +551,9 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             group["lr"] = lr
         if cfg.eval_every and step % cfg.eval_every == 0 and step > 0:
             last["eval_loss"] = evaluate()
-        if master and cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > 0:
-            save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen, "run": run})
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > 0:
+            if master:
+                save_checkpoint(out, step, model, optimizer, scaler, {"eval_loss": last.get("eval_loss"), "tokens": tokens_seen, "run": run})
             saved_step = step
         # dropout noise depends on the step only, so a resumed run draws the same masks
         torch.manual_seed(cfg.seed + rank + 7919 * step)

@@ -254,6 +254,17 @@ def test_resume_refuses_other_options_or_data_and_a_missing_checkpoint(tiny_ckpt
     run(tmp_path / "moved_ckpt", task_file.name, align_file, f"{out}/", "--steps", "4", "--method", "lora",
         "--log-every", "2", "--lora-targets", "v_proj", "o_proj", "q_proj", "k_proj", "--resume")
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    # an optimizer state cut short is named
+    opt = out / "checkpoint" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, out, "--steps", "4", "--method", "lora", "--resume")
+    assert f"error: {opt}: not a readable optimizer state" in capsys.readouterr().err
+    # a missing alignment set is named as missing, not as an option the resumed run lacks
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, tmp_path / "gone.jsonl", tmp_path / "o2", "--steps", "2")
+    assert "error: --align " + str(tmp_path / "gone.jsonl") + ": no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
     # no checkpoint: refused before the Fisher is estimated or anything is written
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
@@ -275,10 +286,18 @@ def test_check_resume_compares_every_field_of_both_records(tmp_path):
                          ({**run_, "data": {**run_["data"], "model": "x"}}, "the content of --ckpt")):
         with pytest.raises(ValueError, match=f"other options or data than the run it holds \\({message}\\)"):
             train.check_resume(tmp_path, run_, now)
-    older = {"train": run_["train"], "data": {"task": "t", "eval_task": "e"}}  # no model digest, no process count
-    train.check_resume(tmp_path, older, run_)
+    init = {**run_, "train": {**run_["train"], "init": "/m/config.json"}}
+    with pytest.raises(ValueError, match=r"\(the content of --init\)"):
+        train.check_resume(tmp_path, init, {**init, "data": {**run_["data"], "model": "x"}})
+    # a record without the model digest or the process count (before they were kept): its --ckpt path is compared
+    now = {**run_, "train": {**run_["train"], "ckpt": "/m/tiny"}}
+    older = {"train": now["train"], "data": {"task": "t", "eval_task": "e"}}
+    train.check_resume(tmp_path, older, now)
     with pytest.raises(ValueError, match=r"--lr: 0.01 -> 0.1\)"):
-        train.check_resume(tmp_path, older, {**run_, "train": {"lr": 0.1, "log_every": 1}})
+        train.check_resume(tmp_path, older, {**now, "train": {**now["train"], "lr": 0.1}})
+    with pytest.raises(ValueError, match=r"--ckpt: '/m/tiny' -> '/m/other'\)"):
+        train.check_resume(tmp_path, older, {**now, "train": {**now["train"], "ckpt": "/m/other"}})
+    train.check_resume(tmp_path, {**older, "data": now["data"]}, {**now, "train": {**now["train"], "ckpt": "/m/other"}})
 
 
 @pytest.mark.parametrize("option, message", [
