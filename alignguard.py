@@ -517,11 +517,11 @@ def eig_topk(M: torch.Tensor, k: int, rtol: float = EIG_RTOL) -> tuple[torch.Ten
     of a real model's factors.
     eigh runs in fp64: the small eigenvalues of a token second moment sit near fp32 rounding."""
     vals, vecs = torch.linalg.eigh(M.double())  # ascending
-    lam = vals.clamp_min(0).flip(0)[:k]  # descending; PSD: a negative value is rounding
+    lam = vals[max(0, len(vals) - k):].flip(0).clamp_min(0)  # the top k, descending; PSD: a negative one is rounding
     k = _above(lam, rtol)
     # eigh returns column-major vectors; a row-major copy makes every later matmul take the same
     # kernel as a basis read back from disk, so a resumed run computes bit-identical penalties
-    return vecs.flip(1)[:, :k].contiguous(), lam[:k]
+    return vecs[:, len(vals) - k:].flip(1).contiguous(), lam[:k]
 
 
 def _above(lam: torch.Tensor, rtol: float = EIG_RTOL) -> int:
