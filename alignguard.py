@@ -509,7 +509,7 @@ EIG_RTOL = 1e-6  # eigenvalues at or below EIG_RTOL·λ_max are the factor's nul
 
 def eig_topk(M: torch.Tensor, k: int, rtol: float = EIG_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs (U, λ) of a symmetric PSD factor, λ descending; k clamped to the dimension and to the
-    eigenvalues above rtol·λ_max (at least one). A factor of lower rank than k (fewer alignment tokens than its
+    eigenvalues above rtol·λ_max (none for a zero factor). A factor of lower rank than k (fewer alignment tokens than its
     dimension, an input that spans a subspace) has a null space whose eigenvectors are arbitrary: counted in
     the basis, an update along them would cost nothing in R_A (g_i·a_j ≈ 0) and escape R_T (it is in ΔW_A);
     left out, it is task-specific, in R_T's trust region. 1e-6 lies above the fp32 rounding of the products
@@ -518,19 +518,14 @@ def eig_topk(M: torch.Tensor, k: int, rtol: float = EIG_RTOL) -> tuple[torch.Ten
     eigh runs in fp64: the small eigenvalues of a token second moment sit near fp32 rounding."""
     vals, vecs = torch.linalg.eigh(M.double())  # ascending
     lam = vals[max(0, len(vals) - k):].flip(0).clamp_min(0)  # the top k, descending; PSD: a negative one is rounding
-    k = _above(lam, rtol)
+    k = int((lam > rtol * lam[0]).sum()) if lam.numel() else 0
     # eigh returns column-major vectors; a row-major copy makes every later matmul take the same
     # kernel as a basis read back from disk, so a resumed run computes bit-identical penalties
     return vecs[:, len(vals) - k:].flip(1).contiguous(), lam[:k]
 
 
-def _above(lam: torch.Tensor, rtol: float = EIG_RTOL) -> int:
-    """How many of the descending eigenvalues lam lie above rtol·λ_max (none of a zero factor's)."""
-    return int((lam > rtol * lam[0]).sum()) if lam.numel() else 0
-
-
-def _warn_short(short: list[str], k):
-    """Says which Fisher factors keep fewer than k directions (eig_topk, load_fisher)."""
+def _warn_short(short: list[str], k: int):
+    """Says which Fisher factors keep fewer than k directions (estimate_fisher)."""
     if short:
         warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
                       f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"
@@ -651,15 +646,9 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
     for key, want in (expect or {}).items():
         if info["meta"].get(key) != want:
             raise ValueError(f"{path}: the Fisher basis has {key}={info['meta'].get(key)!r}, expected {want!r}")
-    basis, short = {}, []
-    for n, d in info["modules"].items():
-        U_g, g, U_a, a = (tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a"))
-        # a basis saved before eig_topk left out a factor's null space: the same cut here
-        k_g, k_a = _above(g), _above(a)
-        short += [f"{n} {what} {k_}" for what, k_, k0 in (("Ḡ", k_g, len(g)), ("Ā", k_a, len(a))) if k_ < k0]
-        basis[n] = FisherBasis(U_g[:, :k_g], g[:k_g], U_a[:, :k_a], a[:k_a], d["n_tokens"], d["w0_norm"],
-                               torch.tensor(d["w0_probe"]) if "w0_probe" in d else None)
-    _warn_short(short, info["meta"].get("k", "its k"))
+    basis = {n: FisherBasis(*(tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a")), d["n_tokens"], d["w0_norm"],
+                            torch.tensor(d["w0_probe"]) if "w0_probe" in d else None)
+             for n, d in info["modules"].items()}
     if model is None:
         return basis
     adapted, named = lora_modules(model), dict(model.named_modules())
@@ -722,14 +711,12 @@ def save_diag_fisher(path, f_diag: dict[str, torch.Tensor], meta: dict):
 
 def load_diag_fisher(path, model: nn.Module | None = None, expect: dict | None = None) -> dict[str, torch.Tensor]:
     """Inverse of save_diag_fisher: ValueError naming the mismatch when a key of `expect` differs from the saved
-    meta or, given `model`, a module is not a Linear layer of it with F_diag's shape. Given `model`, a file without
-    meta (train.py's cache before it recorded one) is read on the shape check alone. Tensors go to each
-    module's device."""
+    meta or, given `model`, a module is not a Linear layer of it with F_diag's shape. Tensors go to each module's
+    device."""
     info, f_diag = _read_fisher_file(path, "alignguard_diag_fisher", "diagonal Fisher")
-    if info is None and model is None:
+    if info is None:
         raise ValueError(f"{path} is not an AlignGuard diagonal Fisher: no 'alignguard_diag_fisher' metadata")
-    # a file without the metadata, as train.py wrote before it kept any, is checked against the model alone
-    for key, want in (expect or {}).items() if info is not None else ():
+    for key, want in (expect or {}).items():
         if info["meta"].get(key) != want:
             raise ValueError(f"{path}: the diagonal Fisher has {key}={info['meta'].get(key)!r}, expected {want!r}")
     if model is None:

@@ -658,9 +658,9 @@ def adapter_mismatches(path: Path, ckpt_digest, chat_format: str) -> list[str]:
     only when there is one to compare) or another chat format. Shapes alone cannot tell a base of the same shape."""
     meta, found = training_meta(path), []
     if meta.get("base_digest") and meta["base_digest"] != ckpt_digest():
-        found.append(f"{path} was trained on another base model than --ckpt (the checkpoint, config.json or "
-                     "tokenizer.json differ from the ones alignguard.json records): its scores compare it with a base "
-                     "it was not trained from")
+        found.append(f"{path} was trained on another base model than --ckpt (its weights, config.json or tokenizer "
+                     "files differ from the ones alignguard.json records): its scores compare it with a base it was "
+                     "not trained from")
     if meta.get("chat_format") not in (None, chat_format):
         found.append(f"{path} was trained with chat format {meta['chat_format']!r}, this evaluation prompts in "
                      f"{chat_format!r} (--chat-format)")

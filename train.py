@@ -289,7 +289,7 @@ def check_resume(ck: Path, saved: dict | None, run: dict):
         now, was = run.get(part, {}), saved.get(part, {})
         for k in sorted(now.keys() | was.keys()):
             a, b = was.get(k), now.get(k)
-            resumable = k in RESUMABLE and not (by_path and part == "train" and k in ("ckpt", "init"))
+            resumable = k in RESUMABLE and not (by_path and part == "train" and k == model_flag)
             if a == b or (part != "data" and resumable) or ((part, k) in _RECORDED_SINCE and k not in was):
                 continue
             flag = "--" + ("lora-" if part == "lora" else "") + (model_flag if (part, k) == ("data", "model") else k).replace("_", "-")
@@ -402,8 +402,9 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         task = [task[i] for i in order[cfg.eval_size:]]
     # what this run is: a resume must continue the same one (check_resume); the model and data files by content
     model_dir = Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0]  # config.json, tokenizer.json
-    base_digest = file_digest([cfg.init, model_dir / "tokenizer.json"], names=False) if cfg.init else \
-        checkpoint_digest(cfg.ckpt)
+    tokenizer_files = [p for p in (model_dir / f"{n}.json" for n in ("tokenizer", "tokenizer_config", "generation_config"))
+                       if p.is_file()]
+    base_digest = file_digest([cfg.init, *tokenizer_files], names=False) if cfg.init else checkpoint_digest(cfg.ckpt)
     paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("ckpt", "init") if getattr(cfg, k)}  # however spelled
     run = {"train": {**asdict(cfg), **paths},
            "lora": {**asdict(lora), "targets": sorted(lora.targets)},  # a set: their order changes nothing

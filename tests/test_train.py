@@ -298,6 +298,11 @@ def test_check_resume_compares_every_field_of_both_records(tmp_path):
     with pytest.raises(ValueError, match=r"--ckpt: '/m/tiny' -> '/m/other'\)"):
         train.check_resume(tmp_path, older, {**now, "train": {**now["train"], "ckpt": "/m/other"}})
     train.check_resume(tmp_path, {**older, "data": now["data"]}, {**now, "train": {**now["train"], "ckpt": "/m/other"}})
+    # an --init run's old record: its --init path is compared, not the unused default --ckpt
+    older_init = {"train": {**init["train"], "ckpt": "/a/data/demo"}, "data": {"task": "t", "eval_task": "e"}}
+    train.check_resume(tmp_path, older_init, {**init, "train": {**init["train"], "ckpt": "/b/data/demo"}})
+    with pytest.raises(ValueError, match=r"--init: '/m/config.json' -> '/n/config.json'\)"):
+        train.check_resume(tmp_path, older_init, {**init, "train": {**init["train"], "init": "/n/config.json"}})
 
 
 @pytest.mark.parametrize("option, message", [
