@@ -609,11 +609,17 @@ def _is_fisher_file(path, key: str = "alignguard_fisher") -> bool:
         return False
 
 
-def _read_fisher_file(path, key: str, what: str) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(header, tensors) of a Fisher file written by save_fisher or save_diag_fisher; the header None when the
-    file has no such metadata."""
+def _read_fisher_file(path, key: str, what: str, expect: dict | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) of a Fisher file written by save_fisher or save_diag_fisher (its metadata under `key`);
+    ValueError when it has none, or when a key of `expect` differs from the saved meta."""
     tensors, metadata = read_safetensors(path)
-    return (None if key not in metadata else json.loads(metadata[key])), tensors
+    if key not in metadata:
+        raise ValueError(f"{path} is not an AlignGuard {what}: no {key!r} metadata")
+    info = json.loads(metadata[key])
+    for k, want in (expect or {}).items():
+        if info["meta"].get(k) != want:
+            raise ValueError(f"{path}: the {what} has {k}={info['meta'].get(k)!r}, expected {want!r}")
+    return info, tensors
 
 
 def save_fisher(path, basis: dict[str, FisherBasis], meta: dict):
@@ -640,12 +646,7 @@ def load_fisher(path, model: nn.Module | None = None, expect: dict | None = None
     than 1e-3 relative or its weight_probe by more than 1e-2 relative (other weights), or the model's LoRA
     modules are not the basis's modules.
     Tensors go to each module's device."""
-    info, tensors = _read_fisher_file(path, "alignguard_fisher", "Fisher basis")
-    if info is None:
-        raise ValueError(f"{path} is not an AlignGuard Fisher basis: no 'alignguard_fisher' metadata")
-    for key, want in (expect or {}).items():
-        if info["meta"].get(key) != want:
-            raise ValueError(f"{path}: the Fisher basis has {key}={info['meta'].get(key)!r}, expected {want!r}")
+    info, tensors = _read_fisher_file(path, "alignguard_fisher", "Fisher basis", expect)
     basis = {n: FisherBasis(*(tensors[f"{n}.{f}"] for f in ("U_g", "g", "U_a", "a")), d["n_tokens"], d["w0_norm"],
                             torch.tensor(d["w0_probe"]) if "w0_probe" in d else None)
              for n, d in info["modules"].items()}
@@ -713,12 +714,7 @@ def load_diag_fisher(path, model: nn.Module | None = None, expect: dict | None =
     """Inverse of save_diag_fisher: ValueError naming the mismatch when a key of `expect` differs from the saved
     meta or, given `model`, a module is not a Linear layer of it with F_diag's shape. Tensors go to each module's
     device."""
-    info, f_diag = _read_fisher_file(path, "alignguard_diag_fisher", "diagonal Fisher")
-    if info is None:
-        raise ValueError(f"{path} is not an AlignGuard diagonal Fisher: no 'alignguard_diag_fisher' metadata")
-    for key, want in (expect or {}).items():
-        if info["meta"].get(key) != want:
-            raise ValueError(f"{path}: the diagonal Fisher has {key}={info['meta'].get(key)!r}, expected {want!r}")
+    _, f_diag = _read_fisher_file(path, "alignguard_diag_fisher", "diagonal Fisher", expect)
     if model is None:
         return f_diag
     named = dict(model.named_modules())
