@@ -524,14 +524,6 @@ def eig_topk(M: torch.Tensor, k: int, rtol: float = EIG_RTOL) -> tuple[torch.Ten
     return vecs[:, len(vals) - k:].flip(1).contiguous(), lam[:k]
 
 
-def _warn_short(short: list[str], k: int):
-    """Says which Fisher factors keep fewer than k directions (estimate_fisher)."""
-    if short:
-        warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
-                      f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"
-                      f"{' ...' if len(short) > 6 else ''}")
-
-
 def weight_probe(W: torch.Tensor) -> torch.Tensor:
     """P = Uᵀ W V (4, 4) in fp32 on the CPU, for Gaussian U (d_out, 4), V (d_in, 4) drawn from seed 0: a
     fingerprint of W. ||W||_F alone takes the same value for weights with permuted rows, and near it for
@@ -556,7 +548,10 @@ def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forwa
         basis[n] = FisherBasis(U_g, g, U_a, a, N, W.float().norm().item(), weight_probe(W)).to(W.device, _f32(W).dtype)
         short += [f"{n} {what} {U.shape[1]}" for what, U, d in (("Ḡ", U_g, W.shape[0]), ("Ā", U_a, W.shape[1]))
                   if U.shape[1] < min(k, d)]
-    _warn_short(short, k)
+    if short:
+        warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
+                      f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"
+                      f"{' ...' if len(short) > 6 else ''}")
     return basis
 
 
@@ -580,11 +575,6 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def read_tensors(path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (read_safetensors)."""
-    return read_safetensors(path)[0]
 
 
 def read_json_object(path) -> dict:
@@ -1066,7 +1056,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         if key not in _PEFT_FIELDS and value not in (None, False, {}, [], ""):
             raise ValueError(f"{cfg_path}: field {key!r} = {value!r} is not supported (PEFT would compute something "
                              "other than W0 + s·B·A with it)")
-    tensors = read_tensors(st_path)
+    tensors, _ = read_safetensors(st_path)
     names = set()
     for key in tensors:
         match = _PEFT_KEY.fullmatch(key)

@@ -402,18 +402,27 @@ def resolve_checkpoint(path) -> tuple[Path, list[Path]]:
     return path.parent, [path]
 
 
-def checkpoint_digest(path) -> str:
-    """sha256 of the checkpoint's contents, wherever it lies: every safetensors shard, then the JSON files beside
-    them that decide the model, its tokens and its chat template (those present). train.py records it with a run
-    (--resume compares it) and in the adapter's alignguard.json; eval.py compares an adapter's with --ckpt's."""
-    folder, shards = resolve_checkpoint(path)
+def present(folder: Path, names) -> list[Path]:
+    """The files of `names` that exist in folder."""
+    return [folder / n for n in names if (folder / n).is_file()]
+
+
+def file_digest(paths) -> str:
+    """sha256 of the files' contents, in order: the same files wherever they lie, however their paths are spelled."""
     h = hashlib.sha256()
-    for p in [*shards, *(folder / f"{name}.json" for name in ("config", "tokenizer", "tokenizer_config", "generation_config"))]:
-        if p.is_file():
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_digest(path) -> str:
+    """file_digest of what decides the model, its tokens and its chat template: every safetensors shard, then
+    config.json and the TOKENIZER_FILES beside them (those present). train.py records it with a run (--resume
+    compares it) and in the adapter's alignguard.json; eval.py compares an adapter's with --ckpt's."""
+    folder, shards = resolve_checkpoint(path)
+    return file_digest([*shards, *present(folder, ["config.json", *TOKENIZER_FILES])])
 
 
 def _open_shard(shard: Path):
@@ -522,11 +531,9 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
     if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_from) / name
-            if src.is_file():
-                data = src.read_bytes()
-                _atomic_write(out / name, lambda p: Path(p).write_bytes(data))
+        for src in present(Path(tokenizer_from), TOKENIZER_FILES):
+            data = src.read_bytes()
+            _atomic_write(out / src.name, lambda p: Path(p).write_bytes(data))
     return out
 
 

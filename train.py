@@ -31,12 +31,12 @@ from safetensors.torch import save_file
 
 from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, disable_lora, estimate_fisher,
                         ewc_penalty, l2_penalty, load_adapter, load_diag_fisher, load_fisher, lora_parameters,
-                        merged_state_dict, penalties, read_json_object, read_tensors, release_rm_buffers, remove_lora,
+                        merged_state_dict, penalties, read_json_object, read_safetensors, release_rm_buffers, remove_lora,
                         save_adapter, save_diag_fisher, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
-from model import (Llama, ModelConfig, checkpoint_digest, init_weights, load_model, logits_at, resolve_checkpoint,
-                   save_model)
+from model import (TOKENIZER_FILES, Llama, ModelConfig, checkpoint_digest, file_digest, init_weights, load_model,
+                   logits_at, present, resolve_checkpoint, save_model)
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -207,20 +207,6 @@ def example_order(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
-def file_digest(paths, names: bool = True) -> str:
-    """sha256 of the given files' names, sizes and contents (the Fisher cache key); of their contents alone
-    with names=False (a resumed run's data, wherever it now lies)."""
-    h = hashlib.sha256()
-    for p in paths:
-        p = Path(p)
-        if names:
-            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def atomic_dir(final: Path, write):
     """Fill a temporary sibling directory with `write(tmp)`, then swap it in for `final`. The old
     directory is removed only after the new one is complete, so a failure (a full disk, a kill)
@@ -330,7 +316,7 @@ def checkpoint_dir(out: Path) -> Path:
 def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
     ck = checkpoint_dir(out)
     state = read_json_object(ck / "state.json")
-    tensors = read_tensors(ck / "trainable.safetensors")
+    tensors, _ = read_safetensors(ck / "trainable.safetensors")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         raise ValueError(f"{ck}/trainable.safetensors: its tensors do not match this run's trainable parameters "
@@ -402,21 +388,19 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         task = [task[i] for i in order[cfg.eval_size:]]
     # what this run is: a resume must continue the same one (check_resume); the model and data files by content
     model_dir = Path(cfg.init).parent if cfg.init else resolve_checkpoint(cfg.ckpt)[0]  # config.json, tokenizer.json
-    tokenizer_files = [p for p in (model_dir / f"{n}.json" for n in ("tokenizer", "tokenizer_config", "generation_config"))
-                       if p.is_file()]
-    base_digest = file_digest([cfg.init, *tokenizer_files], names=False) if cfg.init else checkpoint_digest(cfg.ckpt)
+    base_digest = file_digest([cfg.init, *present(model_dir, TOKENIZER_FILES)]) if cfg.init else checkpoint_digest(cfg.ckpt)
     paths = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("ckpt", "init") if getattr(cfg, k)}  # however spelled
     run = {"train": {**asdict(cfg), **paths},
            "lora": {**asdict(lora), "targets": sorted(lora.targets)},  # a set: their order changes nothing
            "alignguard": asdict(agc),
            "processes": {"world": world},
            "data": {"model": base_digest,
-                    **{role: file_digest([f], names=False) for role, f in (("task", cfg.task), ("eval_task", cfg.eval_task))
+                    **{role: file_digest([f]) for role, f in (("task", cfg.task), ("eval_task", cfg.eval_task))
                        if f}}}
     if cfg.method in ("alignguard", "ewc"):
         if not Path(cfg.align).is_file():  # named here, before a resume would call it "not given now"
             raise FileNotFoundError(f"--align {cfg.align}: no such file (the alignment set for the Fisher)")
-        run["data"]["align"] = file_digest([cfg.align], names=False)
+        run["data"]["align"] = file_digest([cfg.align])
     if cfg.resume:  # before the model is loaded or anything is written
         ck = checkpoint_dir(out)
         check_resume(ck, read_json_object(ck / "state.json").get("run"), json.loads(json.dumps(run)))
