@@ -20,6 +20,7 @@ of q_proj and k_proj inside each head. To bring Meta weights here, apply per wei
 (with nkv instead of nh for k_proj). This file only ever uses the rotate-half layout.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -292,6 +293,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _call(layer: nn.Module, *args):
+    return layer(*args)
+
+
+@functools.cache
+def compiled_block():
+    """`layer(x, cos, sin, mask)` through torch.compile with dynamic shapes: a block's norms, RoPE, SwiGLU and
+    residual adds fused into a few kernels, forward and backward. The layer is an argument, so its weights
+    are inputs of the graph and one compilation serves every layer (Llama.compile_blocks, train.py --compile)."""
+    return torch.compile(_call, dynamic=True)
+
+
 class Transformer(nn.Module):
     """The body: transformers' LlamaModel (embed_tokens, layers, norm)."""
 
@@ -316,6 +329,9 @@ class Llama(nn.Module):
         # activation checkpointing: in training, keep only each block's input and recompute the block in
         # backward (memory of activations / number of layers, about one more forward of compute)
         self.gradient_checkpointing = False
+        # the training forward's blocks through compiled_block (train.py --compile); evaluation, generation and
+        # the Fisher's eval-mode passes stay eager, so they compile nothing
+        self.compile_blocks = False
 
     def forward(self, input_ids, position_ids=None, mask=None, cache=None, cache_pos=0, hidden_only=False):
         """input_ids (B, T) -> logits (B, T, V), or with hidden_only the final normed hidden states
@@ -341,10 +357,13 @@ class Llama(nn.Module):
         if mask is not None and mask.dtype == torch.bool:
             # once here rather than inside every layer's attention: 0 where a query may attend, -inf elsewhere
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        training = self.training and torch.is_grad_enabled() and cache is None
+        block = compiled_block() if self.compile_blocks and training else _call
         for i, layer in enumerate(self.model.layers):
-            if recompute:  # the RNG state is replayed, so dropout draws the same masks the second time
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            if training and self.gradient_checkpointing:  # the RNG state is replayed: dropout draws the same masks
+                x = checkpoint(block, layer, x, cos, sin, mask, use_reentrant=False)
+            elif training:
+                x = block(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_pos)
         x = self.model.norm(x)

@@ -6,6 +6,7 @@ repetitions after warm-up; every ratio is ours / theirs.
     python tests/bench.py --shape smollm --json bench.json      # SmolLM2-135M shape, fp32 and bf16
     python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh  # Llama-3.2-1B shape, MFU on a GPU
     python tests/bench.py --shape small --dtype fp32 --profile  # + torch.profiler table of our step
+    python tests/bench.py --shape small --compile               # + our step with compiled blocks (train.py --compile)
     python tests/bench.py --scaling                             # ours: step vs T and r, AlignGuard vs width and grad-accum
     python tests/bench.py --shape tiny --quick                  # ~1 min per dtype: checks the script runs; figures mean nothing
 
@@ -31,6 +32,9 @@ as train.py --dtype bf16 does):
     max_new_tokens): model.generate against transformers' generate, tokens/s, and whether the tokens agree;
   - our all-linear step with activation checkpointing (train.py --grad-checkpoint) against theirs without:
     tokens/s (each alone in its process) and peak memory;
+  - with --compile, our step with its blocks through torch.compile (train.py --compile, model.compiled_block)
+    against our eager step and theirs, the three interleaved in one process, for both target sets: tokens/s,
+    the first step's time (compiling) and peak memory;
   - the matmul peak of the machine (one large torch.mm) and the FLOP/s our LoRA step achieves.
 
 transformers and peft are optional: without them only our own measurements run.
@@ -284,6 +288,7 @@ def build_step(task: dict, stack: str):
         add_lora(model, LoRAConfig(r=r, alpha=2 * r, dropout=0.0, targets=targets))
         params = lora_parameters(model)
         model.gradient_checkpointing = task.get("grad_checkpoint", False)  # train.py --grad-checkpoint
+        model.compile_blocks = task.get("compile", False)  # train.py --compile
 
         def loss_sum():  # exactly train.py's step: lm_head at labelled positions only
             return batch_loss_sum(model, batch["input_ids"], batch["labels"])
@@ -324,6 +329,22 @@ def measure_pair(task: dict) -> dict:
             step()
     t = time_interleaved(steps, task["reps"], task["device"])
     return {"ours_s": t["ours"], "theirs_s": t["theirs"]}
+
+
+def measure_compiled(task: dict) -> dict:
+    """Our step with compiled blocks (train.py --compile), our eager step and, when installed, theirs, in one
+    process, alternating; the compiled stack's first step, which compiles, timed on its own."""
+    steps = {"eager": build_step(task, "ours")[1]}
+    compiled = build_step({**task, "compile": True}, "ours")[1]
+    out = {"compile_s": [timed(compiled, task["device"])]}
+    steps["compiled"] = compiled
+    if task.get("with_theirs"):
+        steps["theirs"] = build_step(task, "theirs")[1]
+    for _ in range(task["warmup"]):
+        for step in steps.values():
+            step()
+    t = time_interleaved(steps, task["reps"], task["device"])
+    return {**out, **{f"{k}_s": v for k, v in t.items()}}
 
 
 def measure_memory(task: dict) -> dict:
@@ -445,7 +466,8 @@ def measure_profile(task: dict) -> dict:
     return {"table": prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=55)}
 
 
-WORKERS = {"train": measure_train, "memory": measure_memory, "pair": measure_pair, "generate": measure_generate, "profile": measure_profile}
+WORKERS = {"train": measure_train, "memory": measure_memory, "pair": measure_pair, "compiled": measure_compiled,
+           "generate": measure_generate, "profile": measure_profile}
 
 
 def run_worker(task: dict, env: dict | None = None) -> dict | None:
@@ -535,6 +557,19 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
             memory_row(f"LoRA step {tname}: peak MiB", o, None)
         flops = train_flops(shape.model, TARGETS[tname], 8, B, T) / med(o["step_s"])
         row(f"LoRA step {tname}: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
+        c, cm = cells.get(("compiled", tname)), cells.get(("ours-compiled", tname))
+        if c is not None:  # --compile: interleaved with our eager step and theirs
+            tok_c, tok_e = B * T / med(c["compiled_s"]), B * T / med(c["eager_s"])
+            if "theirs_s" in c:
+                tok_t = B * T / med(c["theirs_s"])
+                row("  with --compile: tokens/s", f"{tok_c:,.0f}", f"{tok_t:,.0f}", f"{tok_c / tok_t:.2f}x",
+                    verdict(tok_c / tok_t, GOALS["train"], True))
+            row("  with --compile: tokens/s vs our eager step", f"{tok_c:,.0f}", f"{tok_e:,.0f} (eager)", f"{tok_c / tok_e:.2f}x", "")
+            row("  with --compile: first step (compiling): s", f"{c['compile_s'][0]:,.1f}", "", "", "")
+            flops = train_flops(shape.model, TARGETS[tname], 8, B, T) / med(c["compiled_s"])
+            row("  with --compile: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
+        if cm is not None:
+            memory_row("  with --compile: peak MiB", cm, t)
 
     c, t = cells.get(("ours-ckpt", "all-linear")), cells.get(("theirs", "all-linear"))
     if c is not None and t is not None:  # ours with --grad-checkpoint against theirs without, each alone
@@ -565,7 +600,8 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
         row("  same tokens / max logit diff", same, f"{gen['logit_max_diff']:.1e}", "", "")
 
     spreads = {f"{s}/{t} {k}": max(v[k]) / min(v[k]) for (s, t), v in cells.items() if v
-               for k in ("step_s", "ours_s", "theirs_s", "ag_plain_step_s", "ag_step_s", "kfac_s") if k in v}
+               for k in ("step_s", "ours_s", "theirs_s", "ag_plain_step_s", "ag_step_s", "kfac_s", "eager_s", "compiled_s")
+               if k in v}
     worst = max(spreads, key=spreads.get, default=None)
 
     head = ("measurement", "ours", "theirs", "ours/theirs", "goal")
@@ -636,6 +672,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-eigh", action="store_true", help="time only the per-batch K-FAC factors, not estimate_fisher's "
                    "one-off eigendecompositions (minutes at d = 8192)")
+    p.add_argument("--compile", action="store_true", help="also time our step with compiled blocks (train.py --compile) "
+                   "against our eager step and theirs, and its peak memory (a minute or more of compiling per process)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our all-linear LoRA step")
     p.add_argument("--json", default="", help="write every raw timing and memory figure to this file")
     p.add_argument("--scaling", action="store_true", help="our step against T and r, AlignGuard overhead against "
@@ -689,6 +727,13 @@ def main(argv=None):
                     cells[(stack, tname)] = train_cell({**base, "stack": stack, "targets": tname})
                 if missing is None:  # the tokens/s ratio: both stacks interleaved in one process
                     cells[("pair", tname)] = run_worker({**base, "kind": "pair", "stack": "pair", "targets": tname})
+            if args.compile:  # ours with compiled blocks (train.py --compile), interleaved with ours eager and theirs
+                for tname in TARGETS:
+                    cells[("compiled", tname)] = run_worker({**base, "kind": "compiled", "stack": "compiled",
+                                                             "targets": tname, "with_theirs": missing is None})
+                    mem_env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.device == "cpu" else None
+                    cells[("ours-compiled", tname)] = run_worker({**base, "kind": "memory", "stack": "ours", "targets": tname,
+                                                                  "compile": True}, env=mem_env)
             # ours with activation checkpointing (train.py --grad-checkpoint), against theirs without
             cells[("ours-ckpt", "all-linear")] = train_cell({**base, "stack": "ours", "targets": "all-linear",
                                                              "grad_checkpoint": True})

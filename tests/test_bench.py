@@ -3,6 +3,7 @@
 that size; what is checked is that the scripts run and that both stacks compute the same thing."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,6 +61,28 @@ def test_bench_runs_every_measurement(in_process, capsys, tmp_path):
         gen = run["generate"]
         assert gen["tokens_equal"] and gen["lengths_ours"] == gen["lengths_theirs"] == [6, 6]  # gen_new, eos off
         assert gen["logit_max_diff"] < (1e-5 if run["dtype"] == "fp32" else 1e-1)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_bench_compile_rows(in_process, capsys, tmp_path):
+    """--compile: our step with compiled blocks, against our eager step and theirs, and its peak memory, per
+    target set."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "bench.json"
+    bench.main(["--shape", "tiny", "--quick", "--dtype", "fp32", "--compile", "--json", str(out),
+                "--threads", str(torch.get_num_threads())])
+    rows = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    names = [re.split(r"\s{2,}", r)[0] for r in rows]
+    for name in ("with --compile: tokens/s", "with --compile: tokens/s vs our eager step",
+                 "with --compile: first step (compiling): s", "with --compile: peak MiB"):
+        assert names.count(name) == 2, name  # once per target set
+    assert not any("failed" in r or "!!" in r for r in rows)
+    cells = json.loads(out.read_text())["runs"][0]["cells"]
+    for t in ("qkvo", "all-linear"):
+        c = cells[f"compiled/{t}"]
+        assert len(c["compile_s"]) == 1 and all(len(c[k]) == 3 for k in ("eager_s", "compiled_s", "theirs_s"))
+        assert cells[f"ours-compiled/{t}"]["peak_bytes"] > 0
 
 
 def test_bench_worker_subprocess():

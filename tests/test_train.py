@@ -490,6 +490,43 @@ def test_activation_checkpointing_gives_the_same_gradients_and_saves_less(tiny_c
     assert saved[True] < 0.5 * saved[False], saved
 
 
+def test_compiled_blocks_give_the_loss_and_gradients_of_eager(tiny_ckpt, task_file, monkeypatch):
+    """--compile: the training forward's blocks through model.compiled_block, alone and under --grad-checkpoint,
+    give eager's loss and LoRA gradients (to fp32 rounding: inductor fuses and reorders); evaluation and
+    generation do not go through it."""
+    import model as model_py
+    calls = []
+    compiled = model_py.compiled_block()
+    monkeypatch.setattr(model_py, "compiled_block", lambda: lambda *a: calls.append(1) or compiled(*a))
+    tok = load_tokenizer(tiny_ckpt)
+    b = collate([encode_example(tok, p, r, 64)[:2] for p, r in read_task(task_file)[:8]], tok.pad_id)
+    results = {}
+    for compile_blocks, recompute in ((False, False), (True, False), (True, True)):
+        model = load_model(tiny_ckpt)
+        torch.manual_seed(1)
+        add_lora(model, LoRAConfig(r=4, targets="all-linear"))
+        for m in lora_modules(model).values():
+            torch.nn.init.normal_(m.lora_B.weight, std=0.1)  # a non-zero update, so every path carries gradient
+        model.train()
+        model.compile_blocks, model.gradient_checkpointing = compile_blocks, recompute
+        loss = train.batch_loss_sum(model, b["input_ids"], b["labels"])
+        loss.backward()
+        results[compile_blocks, recompute] = loss.detach(), [p.grad for p in lora_parameters(model)]
+        n = len(calls)
+        model.eval()
+        with torch.no_grad():
+            model(b["input_ids"])
+        model_py.generate(model, [[1, 2, 3]], max_new_tokens=2, eos_ids=None)
+        assert len(calls) == n  # evaluation and generation stay eager
+    assert len(calls) == 3 * model.config.num_hidden_layers  # every block, and again in the checkpointed backward
+    loss0, grads0 = results[False, False]
+    for key in ((True, False), (True, True)):
+        loss, grads = results[key]
+        torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=0)
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6 * float(g0.abs().max()))
+
+
 def test_fisher_from_labelled_logits_equals_the_full_forward(tiny_ckpt, align_file):
     """train.labelled_logits (lm_head at the response tokens only) gives the K-FAC factors, the same samples
     of the true Fisher and the diagonal Fisher of the default forward, whose (B, T, V) logits are indexed."""
