@@ -352,8 +352,11 @@ def measure_memory(task: dict) -> dict:
     steps and two more. On a CPU train_cell runs it with every allocation of 64 KiB or more mapped on its own
     (MALLOC_MMAP_THRESHOLD_), so that freed memory goes back to the OS at once and the resident peak is the
     peak of live allocations: with glibc's default heap the same step (small, q,k,v,o, bf16) read 212-251 MiB
-    in five runs, like this 154 MiB in each."""
+    in five runs, like this 154 MiB in each. With compiled blocks the first step, which compiles (and loads the
+    compiler and its kernels into the process, a one-off cost), comes before the baseline."""
     model, step, *_ = build_step(task, task["stack"])
+    if task.get("compile"):
+        step()
     baseline = memory_reset(task["device"])
     for _ in range(task["warmup"] + 2):
         step()

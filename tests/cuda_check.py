@@ -2,6 +2,7 @@
 
     python tests/cuda_check.py                                 # CUDA: ~108M model, fp32 vs bf16 vs fp16, 50 steps each
     python tests/cuda_check.py --device cpu --shape small --steps 12 --dtypes fp32 bf16   # the same script, checked on a CPU
+    python tests/cuda_check.py --compile                       # the same runs with train.py --compile
 
 A random-weight Llama of SmolLM2-135M's shape (its vocabulary replaced by the demo tokenizer's 3,072 tokens:
 108M parameters) is saved as a checkpoint beside the demo tokenizer, then fine-tuned by train.train itself,
@@ -19,8 +20,9 @@ track. Printed per dtype:
     per token (forward, backward to the inputs, LoRA's own three products), without lm_head (train.py applies
     it only at labelled positions) and attention: a lower bound.
 
-Exit status 1 when a dtype misses a tolerance. Also worth running in the same session (issue 7, MFU of a 1B shape):
-    python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh --quick
+Exit status 1 when a dtype misses a tolerance. Also worth running in the same session (issue 7, MFU of a 1B shape,
+eager and with compiled blocks):
+    python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh --quick --compile
 """
 
 import argparse
@@ -81,6 +83,8 @@ def main(argv=None):
     p.add_argument("--tol-final", type=float, default=0.03, help="the same over the last 10 steps")
     p.add_argument("--out", default="", help="keep the runs here (default: a temporary directory, removed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="train.py --compile: the blocks through torch.compile "
+                   "(the first step compiles; --skip leaves it out of tokens/s)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device (use --device cpu to check the script)")
@@ -92,7 +96,7 @@ def main(argv=None):
     dev = args.device if args.device != "cuda" else "cuda:0"
     gpu = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
     print(f"# torch {torch.__version__} | {gpu} | shape {args.shape} | {args.steps} steps, B={args.batch_size}, "
-          f"max_len {args.max_len}, LoRA r=8 all-linear, lr {args.lr}")
+          f"max_len {args.max_len}, LoRA r=8 all-linear, lr {args.lr}{', compiled blocks' if args.compile else ''}")
     try:
         ckpt = work / "ckpt"
         model = make_checkpoint(ckpt, args.shape, args.seed)
@@ -106,7 +110,8 @@ def main(argv=None):
             cfg = train.TrainConfig(ckpt=str(ckpt), task=str(ROOT / "data" / "demo_pretrain.jsonl"), out=str(work / name),
                                     method="lora", dtype=name, device=args.device, batch_size=args.batch_size,
                                     max_len=args.max_len, steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=5,
-                                    eval_every=0, eval_size=64, ckpt_every=0, log_every=1, seed=args.seed)
+                                    eval_every=0, eval_size=64, ckpt_every=0, log_every=1, seed=args.seed,
+                                    compile=args.compile)
             t0 = time.time()
             train.train(cfg, LoRAConfig(r=8, alpha=16, targets="all-linear"), AlignGuardConfig())
             runs[name] = {"rows": read_metrics(work / name), "seconds": time.time() - t0}
