@@ -488,6 +488,10 @@ def run_worker(task: dict, env: dict | None = None) -> dict | None:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+# the memory worker's environment on a CPU: every allocation of 64 KiB or more mapped on its own (measure_memory)
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def train_cell(task: dict) -> dict | None:
     """measure_train's results for one (stack, targets), its peak_bytes from measure_memory in a process of
     its own. On a CPU that process maps each large allocation on its own, so the peak does not depend on
@@ -495,7 +499,7 @@ def train_cell(task: dict) -> dict | None:
     out = run_worker({**task, "kind": "train"})
     if out is None or task["device"] != "cpu":
         return out
-    mem = run_worker({**task, "kind": "memory"}, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    mem = run_worker({**task, "kind": "memory"}, env=CPU_MEMORY_ENV)
     # None when that worker failed: the report says so rather than set one method's peak against the other's
     out.update(rss_peak_bytes=out["peak_bytes"], peak_bytes=mem["peak_bytes"] if mem else None)
     return out
@@ -558,7 +562,8 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
         else:
             row(f"LoRA step {tname}: tokens/s", f"{tok_o:,.0f}", "-", "", "")
             memory_row(f"LoRA step {tname}: peak MiB", o, None)
-        flops = train_flops(shape.model, TARGETS[tname], 8, B, T) / med(o["step_s"])
+        step_flops = train_flops(shape.model, TARGETS[tname], 8, B, T)
+        flops = step_flops / med(o["step_s"])
         row(f"LoRA step {tname}: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
         c, cm = cells.get(("compiled", tname)), cells.get(("ours-compiled", tname))
         if c is not None:  # --compile: interleaved with our eager step and theirs
@@ -569,7 +574,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
                     verdict(tok_c / tok_t, GOALS["train"], True))
             row("  with --compile: tokens/s vs our eager step", f"{tok_c:,.0f}", f"{tok_e:,.0f} (eager)", f"{tok_c / tok_e:.2f}x", "")
             row("  with --compile: first step (compiling): s", f"{c['compile_s'][0]:,.1f}", "", "", "")
-            flops = train_flops(shape.model, TARGETS[tname], 8, B, T) / med(c["compiled_s"])
+            flops = step_flops / med(c["compiled_s"])
             row("  with --compile: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
         if cm is not None:
             memory_row("  with --compile: peak MiB", cm, t)
@@ -734,9 +739,9 @@ def main(argv=None):
                 for tname in TARGETS:
                     cells[("compiled", tname)] = run_worker({**base, "kind": "compiled", "stack": "compiled",
                                                              "targets": tname, "with_theirs": missing is None})
-                    mem_env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if args.device == "cpu" else None
                     cells[("ours-compiled", tname)] = run_worker({**base, "kind": "memory", "stack": "ours", "targets": tname,
-                                                                  "compile": True}, env=mem_env)
+                                                                  "compile": True},
+                                                                 env=CPU_MEMORY_ENV if args.device == "cpu" else None)
             # ours with activation checkpointing (train.py --grad-checkpoint), against theirs without
             cells[("ours-ckpt", "all-linear")] = train_cell({**base, "stack": "ours", "targets": "all-linear",
                                                              "grad_checkpoint": True})
