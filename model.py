@@ -300,8 +300,16 @@ def _call(layer: nn.Module, *args):
 @functools.cache
 def compiled_block():
     """`layer(x, cos, sin, mask)` through torch.compile with dynamic shapes: a block's norms, RoPE, SwiGLU and
-    residual adds fused into a few kernels, forward and backward. The layer is an argument, so its weights
-    are inputs of the graph and one compilation serves every layer (Llama.compile_blocks, train.py --compile)."""
+    residual adds fused into a few kernels, forward and backward (Llama.compile_blocks, train.py --compile).
+    The layer is an argument, so its weights are inputs of the graph and one compilation serves every layer
+    but the first, whose input (the frozen embedding's output) needs no gradient: two graphs per model,
+    dtype and set of adapted modules. A batch of one row, or a first batch whose length equals a width of the
+    model (dynamo gives equal sizes one symbol), compiles once more.
+
+    Every model of the process shares _call's compiled graphs, and dynamo runs a function eagerly, with one
+    warning, once it holds recompile_limit of them (8 by default): a process that trains several dtypes or
+    target sets (tests/cuda_check.py, the test suite) would silently fall back. The limit is raised here."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(_call, dynamic=True)
 
 

@@ -59,7 +59,7 @@ class TrainConfig:
     grad_accum: int = 1            # micro-batches per optimizer step
     max_len: int = 256             # tokens per example; longer ones are truncated and counted
     grad_checkpoint: bool = False  # activation checkpointing: recompute each block in backward (less memory, more compute)
-    compile: bool = False          # torch.compile the training forward's blocks: 20-80 s of compiling, then faster steps (README)
+    compile: bool = False          # torch.compile the training forward's blocks: 16-62 s of compiling, then faster steps (README)
     steps: int = 0                 # optimizer steps; 0 derives them from --epochs
     epochs: float = 1.0            # passes over the task data when --steps is 0
     lr: float = 2e-4               # peak learning rate
@@ -255,7 +255,8 @@ class LossScaler:
 # ----------------------------------------------------------------------------- checkpoints
 
 # options --resume may change: they decide when to log, evaluate, checkpoint and stop, or where and how the same
-# steps are computed (--grad-checkpoint, --compile, --compile-rm, --rm-chunk), not what is trained; any other
+# steps are computed (--grad-checkpoint, --compile, --compile-rm, --rm-chunk), not what is trained (with
+# --lora-dropout above 0, compiled blocks draw other dropout masks than eager ones); any other
 # difference from the checkpoint's run is refused. The data files and the model (checkpoint, config and tokenizer)
 # are compared by content (the run's "data" digests), not by how their paths
 # are spelled; the number of processes, which sets the rows of a step, must be the same too.

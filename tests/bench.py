@@ -319,16 +319,20 @@ def build_step(task: dict, stack: str):
     return model, step, params, n_tokens, batch
 
 
+def warm_and_time(steps: dict, task: dict) -> dict[str, list[float]]:
+    """The task's warm-up steps of every stack, then its repetitions interleaved (time_interleaved)."""
+    for _ in range(task["warmup"]):
+        for step in steps.values():
+            step()
+    return time_interleaved(steps, task["reps"], task["device"])
+
+
 def measure_pair(task: dict) -> dict:
     """Both stacks in one process, their steps alternating within every repetition: the tokens/s ratio is
     taken on the same machine state (a neighbour's load slows both alike), unlike step times measured in
     separate processes minutes apart."""
     steps = {stack: build_step(task, stack)[1] for stack in ("ours", "theirs")}
-    for _ in range(task["warmup"]):
-        for step in steps.values():
-            step()
-    t = time_interleaved(steps, task["reps"], task["device"])
-    return {"ours_s": t["ours"], "theirs_s": t["theirs"]}
+    return {f"{k}_s": v for k, v in warm_and_time(steps, task).items()}
 
 
 def measure_compiled(task: dict) -> dict:
@@ -340,11 +344,7 @@ def measure_compiled(task: dict) -> dict:
     steps["compiled"] = compiled
     if task.get("with_theirs"):
         steps["theirs"] = build_step(task, "theirs")[1]
-    for _ in range(task["warmup"]):
-        for step in steps.values():
-            step()
-    t = time_interleaved(steps, task["reps"], task["device"])
-    return {**out, **{f"{k}_s": v for k, v in t.items()}}
+    return {**out, **{f"{k}_s": v for k, v in warm_and_time(steps, task).items()}}
 
 
 def measure_memory(task: dict) -> dict:
@@ -352,11 +352,14 @@ def measure_memory(task: dict) -> dict:
     steps and two more. On a CPU train_cell runs it with every allocation of 64 KiB or more mapped on its own
     (MALLOC_MMAP_THRESHOLD_), so that freed memory goes back to the OS at once and the resident peak is the
     peak of live allocations: with glibc's default heap the same step (small, q,k,v,o, bf16) read 212-251 MiB
-    in five runs, like this 154 MiB in each. With compiled blocks the first step, which compiles (and loads the
-    compiler and its kernels into the process, a one-off cost), comes before the baseline."""
-    model, step, *_ = build_step(task, task["stack"])
+    in five runs, like this 154 MiB in each. With compiled blocks a throwaway model of the same task takes
+    one step first, which compiles and loads the compiler and its kernels into the process (a one-off 90-116
+    MiB on the small shape): the measured model then reuses the graphs, and its first step, with AdamW's
+    state, counts as the eager stacks' does."""
     if task.get("compile"):
-        step()
+        build_step(task, task["stack"])[1]()
+        gc.collect()
+    model, step, *_ = build_step(task, task["stack"])
     baseline = memory_reset(task["device"])
     for _ in range(task["warmup"] + 2):
         step()
@@ -492,6 +495,11 @@ def run_worker(task: dict, env: dict | None = None) -> dict | None:
 CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def memory_cell(task: dict) -> dict | None:
+    """measure_memory in a worker of its own, on a CPU with CPU_MEMORY_ENV."""
+    return run_worker({**task, "kind": "memory"}, env=CPU_MEMORY_ENV if task["device"] == "cpu" else None)
+
+
 def train_cell(task: dict) -> dict | None:
     """measure_train's results for one (stack, targets), its peak_bytes from measure_memory in a process of
     its own. On a CPU that process maps each large allocation on its own, so the peak does not depend on
@@ -499,7 +507,7 @@ def train_cell(task: dict) -> dict | None:
     out = run_worker({**task, "kind": "train"})
     if out is None or task["device"] != "cpu":
         return out
-    mem = run_worker({**task, "kind": "memory"}, env=CPU_MEMORY_ENV)
+    mem = memory_cell(task)
     # None when that worker failed: the report says so rather than set one method's peak against the other's
     out.update(rss_peak_bytes=out["peak_bytes"], peak_bytes=mem["peak_bytes"] if mem else None)
     return out
@@ -739,9 +747,7 @@ def main(argv=None):
                 for tname in TARGETS:
                     cells[("compiled", tname)] = run_worker({**base, "kind": "compiled", "stack": "compiled",
                                                              "targets": tname, "with_theirs": missing is None})
-                    cells[("ours-compiled", tname)] = run_worker({**base, "kind": "memory", "stack": "ours", "targets": tname,
-                                                                  "compile": True},
-                                                                 env=CPU_MEMORY_ENV if args.device == "cpu" else None)
+                    cells[("ours-compiled", tname)] = memory_cell({**base, "stack": "ours", "targets": tname, "compile": True})
             # ours with activation checkpointing (train.py --grad-checkpoint), against theirs without
             cells[("ours-ckpt", "all-linear")] = train_cell({**base, "stack": "ours", "targets": "all-linear",
                                                              "grad_checkpoint": True})

@@ -248,12 +248,18 @@ def test_resume_refuses_other_options_or_data_and_a_missing_checkpoint(tiny_ckpt
     assert sorted(p.name for p in out.iterdir()) == before
     # what only decides when to log, evaluate or stop may change, and the same files and targets may be spelled
     # differently: --out with a slash, the task file by a relative path, the targets in another order, the
-    # checkpoint copied elsewhere
+    # checkpoint copied elsewhere; --compile, which changes how the steps are computed, may be added (its blocks
+    # counted here, eagerly: test_compiled_blocks_give_the_loss_and_gradients_of_eager compiles them)
+    import model as model_py
+    calls = []
+    monkeypatch.setattr(model_py, "compiled_block", lambda: lambda *a: calls.append(1) or model_py._call(*a))
     monkeypatch.chdir(task_file.parent)
     shutil.copytree(tiny_ckpt, tmp_path / "moved_ckpt")
     run(tmp_path / "moved_ckpt", task_file.name, align_file, f"{out}/", "--steps", "4", "--method", "lora",
-        "--log-every", "2", "--lora-targets", "v_proj", "o_proj", "q_proj", "k_proj", "--resume")
+        "--log-every", "2", "--lora-targets", "v_proj", "o_proj", "q_proj", "k_proj", "--compile", "--resume")
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    layers = json.loads((tiny_ckpt / "config.json").read_text())["num_hidden_layers"]
+    assert len(calls) == 2 * layers  # the two resumed steps' forwards, every block; evaluation stays eager
     # an optimizer state cut short is named
     opt = out / "checkpoint" / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:100])
@@ -495,6 +501,9 @@ def test_compiled_blocks_give_the_loss_and_gradients_of_eager(tiny_ckpt, task_fi
     give eager's loss and LoRA gradients (to fp32 rounding: inductor fuses and reorders); evaluation and
     generation do not go through it."""
     import model as model_py
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # whatever an earlier test compiled: this model's graphs are counted below
+    graphs = counters["stats"]["unique_graphs"]
     calls = []
     compiled = model_py.compiled_block()
     monkeypatch.setattr(model_py, "compiled_block", lambda: lambda *a: calls.append(1) or compiled(*a))
@@ -519,6 +528,8 @@ def test_compiled_blocks_give_the_loss_and_gradients_of_eager(tiny_ckpt, task_fi
         model_py.generate(model, [[1, 2, 3]], max_new_tokens=2, eos_ids=None)
         assert len(calls) == n  # evaluation and generation stay eager
     assert len(calls) == 3 * model.config.num_hidden_layers  # every block, and again in the checkpointed backward
+    # compiled, not run eagerly by a fallback: the first layer's graph (its input needs no gradient) and the rest's
+    assert counters["stats"]["unique_graphs"] - graphs == 2
     loss0, grads0 = results[False, False]
     for key in ((True, False), (True, True)):
         loss, grads = results[key]
