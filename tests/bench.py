@@ -44,6 +44,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -721,6 +722,11 @@ def main(argv=None):
                               "reps": reps, "warmup": warmup})
     peaks = {d: matmul_peak(DTYPES[d], args.device, reps=max(reps, 5)) for d in dtypes}
     print("# matmul peak (torch.mm, square): " + ", ".join(f"{d} {f / 1e9:,.0f} GFLOP/s" for d, f in peaks.items()))
+    if args.device == "cpu" and peaks.get("bf16", math.inf) < 0.5 * peaks.get("fp32", 0):
+        # a CPU without avx512_bf16 or AMX emulates bf16 matmuls: 57 against 225 GFLOP/s fp32 on the host the
+        # development machine ran on 2026-12-03 (its earlier hosts had avx512_bf16, and bf16 steps ran faster)
+        print("# note: bf16 matmuls run below half the fp32 rate here (no native bf16 on this CPU): the bf16 rows "
+              "measure emulation, not comparable with a CPU that has it")
     results = {"env": env_header(args.device, torch.get_num_threads()), "peaks": peaks, "runs": []}
     for shape_name in shapes:
         shape = SHAPES[shape_name]
