@@ -861,8 +861,9 @@ def compiled_e_rm():
     on CPU, the whole penalty of the SmolLM2 shape (all-linear, k = 32): 55 s of compiling in a fresh process
     with an empty inductor cache, then 525 ms a step against 669 ms eager."""
     # the stacks of one model already make several graphs (shapes of 0/1 and equal sizes specialise, with_grad
-    # and the dtype are guarded on); past dynamo's recompile_limit (8) it would silently run eagerly
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # and the dtype are guarded on); past dynamo's recompile_limit (8; cache_size_limit, its name before torch
+    # 2.7 and an alias since) it would run eagerly, after one warning
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(e_rm, dynamic=True)
 
 

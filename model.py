@@ -308,8 +308,9 @@ def compiled_block():
 
     Every model of the process shares _call's compiled graphs, and dynamo runs a function eagerly, with one
     warning, once it holds recompile_limit of them (8 by default): a process that trains several dtypes or
-    target sets (tests/cuda_check.py, the test suite) would silently fall back. The limit is raised here."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    target sets (tests/cuda_check.py, the test suite) would fall back. The limit is raised here, under its old
+    name cache_size_limit: recompile_limit since torch 2.7, an alias of it there. (Measured on torch 2.13.)"""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(_call, dynamic=True)
 
 

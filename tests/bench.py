@@ -44,7 +44,6 @@ import argparse
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -128,6 +127,15 @@ def env_header(device: str, threads: int) -> str:
             versions.append(f"{name} missing")
     gpu = f" | {torch.cuda.get_device_name()}" if device == "cuda" else ""
     return f"# {' | '.join(versions)} | python {platform.python_version()} | threads {threads} | {cpu}{gpu}"
+
+
+def native_bf16() -> bool | None:
+    """Whether the CPU computes bf16 natively (avx512_bf16 or AMX); None where /proc/cpuinfo does not say."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), None)
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def sync(device: str):
@@ -356,15 +364,17 @@ def measure_memory(task: dict) -> dict:
     in five runs, like this 154 MiB in each. With compiled blocks a throwaway model of the same task takes
     one step first, which compiles and loads the compiler and its kernels into the process (a one-off 90-116
     MiB on the small shape): the measured model then reuses the graphs, and its first step, with AdamW's
-    state, counts as the eager stacks' does."""
+    state, counts as the eager stacks' does (graphs_in_peak: the graphs compiled after all, 0 expected)."""
+    from torch._dynamo.utils import counters
     if task.get("compile"):
         build_step(task, task["stack"])[1]()
-        gc.collect()
+    graphs = counters["stats"]["unique_graphs"]
     model, step, *_ = build_step(task, task["stack"])
     baseline = memory_reset(task["device"])
     for _ in range(task["warmup"] + 2):
         step()
-    return {"peak_bytes": memory_peak(task["device"]) - baseline}
+    return {"peak_bytes": memory_peak(task["device"]) - baseline,
+            "graphs_in_peak": counters["stats"]["unique_graphs"] - graphs}
 
 
 def measure_train(task: dict) -> dict:
@@ -587,6 +597,9 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
             row("  with --compile: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
         if cm is not None:
             memory_row("  with --compile: peak MiB", cm, t)
+            if cm.get("graphs_in_peak"):  # the measured model did not reuse the throwaway's graphs
+                print(f"  note: {cm['graphs_in_peak']} graph(s) compiled inside the {tname} peak: the compiler's "
+                      "memory is in it")
 
     c, t = cells.get(("ours-ckpt", "all-linear")), cells.get(("theirs", "all-linear"))
     if c is not None and t is not None:  # ours with --grad-checkpoint against theirs without, each alone
@@ -722,11 +735,11 @@ def main(argv=None):
                               "reps": reps, "warmup": warmup})
     peaks = {d: matmul_peak(DTYPES[d], args.device, reps=max(reps, 5)) for d in dtypes}
     print("# matmul peak (torch.mm, square): " + ", ".join(f"{d} {f / 1e9:,.0f} GFLOP/s" for d, f in peaks.items()))
-    if args.device == "cpu" and peaks.get("bf16", math.inf) < 0.5 * peaks.get("fp32", 0):
-        # a CPU without avx512_bf16 or AMX emulates bf16 matmuls: 57 against 225 GFLOP/s fp32 on the host the
-        # development machine ran on 2026-12-03 (its earlier hosts had avx512_bf16, and bf16 steps ran faster)
-        print("# note: bf16 matmuls run below half the fp32 rate here (no native bf16 on this CPU): the bf16 rows "
-              "measure emulation, not comparable with a CPU that has it")
+    if args.device == "cpu" and "bf16" in dtypes and native_bf16() is False:
+        # without avx512_bf16 or AMX, bf16 matmuls are emulated: 57 against 225 GFLOP/s fp32 on one host the
+        # development machine ran on (2026-12-03), where bf16 steps had run faster than fp32 ones on earlier hosts
+        print("# note: this CPU has no native bf16 (avx512_bf16 / amx_bf16 not in /proc/cpuinfo): the bf16 sections "
+              "measure its emulation, not comparable with a CPU that has it")
     results = {"env": env_header(args.device, torch.get_num_threads()), "peaks": peaks, "runs": []}
     for shape_name in shapes:
         shape = SHAPES[shape_name]
