@@ -261,11 +261,17 @@ def train_flops(cfg: ModelConfig, targets, r: int, B: int, T: int) -> float:
 
 def matmul_peak(dtype: torch.dtype, device: str, reps: int) -> float:
     """FLOP/s of one large square torch.mm: the best of `reps` after one warm-up (a peak is what the
-    machine can do; a busy neighbour only ever lowers it)."""
-    n = 8192 if device == "cuda" else 4096
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)
+    machine can do; a busy neighbour only ever lowers it). n is 8192 on a GPU; on a CPU 4096, or the first size
+    from 512 up, doubling, whose product takes over a second: a CPU without fp16 (or bf16) arithmetic emulates
+    it, fp16 at 0.5-1.3 GFLOP/s on one host (2026-12-03), where one 4096 product took minutes."""
+    n, n_max = 512, 8192 if device == "cuda" else 4096
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        first = timed(lambda: torch.mm(a, b), device)  # the warm-up, and the probe of the size
+        if n == n_max or (device != "cuda" and first > 1.0):
+            break
+        n *= 2
     times = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
     return 2 * n**3 / min(times)
 
