@@ -129,12 +129,14 @@ def env_header(device: str, threads: int) -> str:
     return f"# {' | '.join(versions)} | python {platform.python_version()} | threads {threads} | {cpu}{gpu}"
 
 
-def native_bf16() -> bool | None:
-    """Whether the CPU computes bf16 natively (avx512_bf16 or AMX); None where /proc/cpuinfo does not say."""
-    if not os.path.exists("/proc/cpuinfo"):
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), None)
+def native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU computes bf16 natively (avx512_bf16 or AMX), from /proc/cpuinfo's text (or the one
+    given); None where it does not say."""
+    if cpuinfo is None:
+        if not os.path.exists("/proc/cpuinfo"):
+            return None
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
     return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 

@@ -114,6 +114,21 @@ def test_shape_selection():
         bench.selected_shapes("1b", "cpu")
 
 
+def test_native_bf16_and_the_matmul_peak_size(monkeypatch):
+    """The bf16 note's test reads the flags line; the CPU matmul peak stops growing its product once one takes
+    over a second (an emulated fp16 4096 product took minutes), else goes up to 4096."""
+    assert bench.native_bf16("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n") is True
+    assert bench.native_bf16("flags\t\t: fpu avx512f avx512_vnni\n") is False
+    assert bench.native_bf16("processor\t: 0\n") is None
+    sizes = []
+    monkeypatch.setattr(torch, "mm", lambda a, b: sizes.append(a.shape[0]))
+    for slow, want in ((2.0, [512]), (0.5, [512, 1024, 2048, 4096])):
+        sizes.clear()
+        monkeypatch.setattr(bench, "timed", lambda fn, device: fn() or slow)
+        assert bench.matmul_peak(torch.float16, "cpu", reps=2) == 2 * want[-1] ** 3 / slow
+        assert sorted(set(sizes)) == want
+
+
 def test_cuda_check_runs_on_cpu(tmp_path, capsys):
     code = cuda_check.main(["--device", "cpu", "--shape", "tiny", "--steps", "3", "--dtypes", "bf16", "--batch-size", "2",
                             "--max-len", "32", "--skip", "1", "--out", str(tmp_path)])
