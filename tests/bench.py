@@ -116,9 +116,15 @@ def have_reference() -> str | None:
     return None
 
 
+def cpuinfo_field(name: str, cpuinfo: str | None = None) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (or of the text given); None where there is none."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith(name)), None)
+
+
 def env_header(device: str, threads: int) -> str:
-    info = Path("/proc/cpuinfo").read_text().splitlines() if os.path.exists("/proc/cpuinfo") else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    cpu = cpuinfo_field("model name") or platform.processor()
     versions = [f"torch {torch.__version__}"]
     for name in ("transformers", "peft"):
         try:
@@ -130,14 +136,10 @@ def env_header(device: str, threads: int) -> str:
 
 
 def native_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether the CPU computes bf16 natively (avx512_bf16 or AMX), from /proc/cpuinfo's text (or the one
-    given); None where it does not say."""
-    if cpuinfo is None:
-        if not os.path.exists("/proc/cpuinfo"):
-            return None
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
-    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    """Whether the CPU computes bf16 natively (avx512_bf16 or AMX), from /proc/cpuinfo's flags (or those of
+    the text given); None where it does not say."""
+    flags = cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def sync(device: str):

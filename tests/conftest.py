@@ -33,6 +33,16 @@ def build_tokenizer(path, vocab_size=300):
     return tk.get_vocab_size()
 
 
+@pytest.fixture
+def new_graphs():
+    """torch.compile's state reset (whatever an earlier test compiled); calling the fixture's value gives the
+    number of graphs dynamo has compiled since, so that a test can tell compiled code from an eager fallback."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    start = counters["stats"]["unique_graphs"]
+    return lambda: counters["stats"]["unique_graphs"] - start
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

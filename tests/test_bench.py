@@ -64,19 +64,17 @@ def test_bench_runs_every_measurement(in_process, capsys, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_bench_compile_rows(in_process, capsys, tmp_path):
+def test_bench_compile_rows(in_process, capsys, tmp_path, new_graphs):
     """--compile (fp32 only: a bf16 compile would add a minute): our step with compiled blocks, against our
     eager step and theirs, and its peak memory, per target set."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()  # whatever an earlier test compiled: the graphs below are this run's
-    graphs, out = counters["stats"]["unique_graphs"], tmp_path / "bench.json"
+    out = tmp_path / "bench.json"
     bench.main(["--shape", "tiny", "--quick", "--dtype", "fp32", "--compile", "--json", str(out),
                 "--threads", str(torch.get_num_threads())])
     # compiled, not run eagerly by a fallback (which would print the same rows): two graphs per target set
     # (model.compiled_block), which the memory worker's models reuse
-    assert counters["stats"]["unique_graphs"] - graphs == 4
+    assert new_graphs() == 4
     rows = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     names = [re.split(r"\s{2,}", r)[0] for r in rows]
     for name in ("with --compile: tokens/s", "with --compile: tokens/s vs our eager step",

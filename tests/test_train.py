@@ -496,14 +496,11 @@ def test_activation_checkpointing_gives_the_same_gradients_and_saves_less(tiny_c
     assert saved[True] < 0.5 * saved[False], saved
 
 
-def test_compiled_blocks_give_the_loss_and_gradients_of_eager(tiny_ckpt, task_file, monkeypatch):
+def test_compiled_blocks_give_the_loss_and_gradients_of_eager(tiny_ckpt, task_file, monkeypatch, new_graphs):
     """--compile: the training forward's blocks through model.compiled_block, alone and under --grad-checkpoint,
     give eager's loss and LoRA gradients (to fp32 rounding: inductor fuses and reorders); evaluation and
     generation do not go through it."""
     import model as model_py
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()  # whatever an earlier test compiled: this model's graphs are counted below
-    graphs = counters["stats"]["unique_graphs"]
     calls = []
     compiled = model_py.compiled_block()
     monkeypatch.setattr(model_py, "compiled_block", lambda: lambda *a: calls.append(1) or compiled(*a))
@@ -529,7 +526,7 @@ def test_compiled_blocks_give_the_loss_and_gradients_of_eager(tiny_ckpt, task_fi
         assert len(calls) == n  # evaluation and generation stay eager
     assert len(calls) == 3 * model.config.num_hidden_layers  # every block, and again in the checkpointed backward
     # compiled, not run eagerly by a fallback: the first layer's graph (its input needs no gradient) and the rest's
-    assert counters["stats"]["unique_graphs"] - graphs == 2
+    assert new_graphs() == 2
     loss0, grads0 = results[False, False]
     for key in ((True, False), (True, True)):
         loss, grads = results[key]
