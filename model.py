@@ -567,6 +567,32 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
 
 # ----------------------------------------------------------------------------- generation
 
+@torch.no_grad()
+def decode_layout(model: Llama) -> Llama:
+    """Stores each projection weight W (d_out, d_in) of a CPU model (q, k, v, o, gate, up, down, lm_head, and an
+    adapted module's merged weight, alignguard.LoRALinear.merged_weight) as the transposed view of a contiguous
+    (d_in, d_out) tensor: the same tensor by value and shape, so the state dict, saving and every other use see
+    no change; only its strides do. Why: a decode step multiplies a few rows of x by Wᵀ, and MKL's fp32 product
+    with Wᵀ a transposed view is slow for few rows; with Wᵀ contiguous it is not (measured on the development
+    machine, torch 2.13, 2 threads, x @ Wᵀ with x of 4 rows: 576 x 576 291 -> 24 µs, 1536 x 576 177 -> 89 µs,
+    49152 x 576 12.5 -> 10.0 ms; 32 rows 1.7-2.6x; 256 rows and one row within 10%, so training, prefill and
+    scoring run as before). generate calls it: it is done once per model (a copy of each weight, one at a
+    time) and stays, and it is a no-op on a model already in this layout.
+
+    fp32 and fp64 weights only, on a CPU only: bf16 products measured no faster (lm_head 0.77x), and on CUDA
+    nothing was measured. A tied lm_head is embed_tokens' weight, so the embedding reads that layout too."""
+    lins = [model.lm_head]
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        lins += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+    for lin in lins:
+        for key in ("weight", "merged_weight"):
+            W = getattr(lin, key, None)
+            if (W is not None and W.dim() == 2 and W.device.type == "cpu" and W.dtype in (torch.float32, torch.float64)
+                    and W.stride() != (1, W.shape[0])):
+                W.data = W.data.t().contiguous().t()  # (d_out, d_in), strides (1, d_out)
+    return model
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """Next token per row of logits (B, V): argmax when temperature == 0, else nucleus sampling."""
     if not temperature >= 0 or not 0 <= top_p <= 1:  # `not >=` also refuses NaN
@@ -602,10 +628,14 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     computes the same as before; a smaller batch can change the last bits of its logits, as between a
     batch and a prompt alone, so only an argmax near-tie could differ. Sampling keeps the whole batch:
     there every step draws for all B rows, so a seeded row does not depend on when the others stop.
+
+    Outside autocast it first puts the model in decode_layout (once per model; the weights' values unchanged).
     """
     cfg = model.config
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
+    if not torch.is_autocast_enabled(device.type):  # under autocast the products run on bf16 copies
+        decode_layout(model)
     B, P = len(prompts), max(len(x) for x in prompts)
     Tmax = P + max_new_tokens
     ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)

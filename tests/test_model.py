@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (Llama, ModelConfig, RMSNorm, apply_rope, generate, init_weights, load_model, rope_cos_sin,
+from model import (Llama, ModelConfig, RMSNorm, apply_rope, decode_layout, generate, init_weights, load_model, rope_cos_sin,
                    rope_inv_freq, sample_next, save_model, swiglu)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -171,6 +171,45 @@ def test_kv_cache_generation_equals_recompute():
     prompt = [5, 17, 3, 99, 42, 7]
     got = generate(model, [prompt], max_new_tokens=12, eos_ids=[1000])  # eos never produced
     assert got[0] == greedy_without_cache(model, prompt, 12)
+
+
+def projection_weights(model):
+    lins = [model.lm_head] + [getattr(part, n) for layer in model.model.layers
+                              for part, names in ((layer.self_attn, "qkvo"), (layer.mlp, ("gate", "up", "down")))
+                              for n in (f"{x}_proj" for x in names)]
+    return [lin.weight for lin in lins]
+
+
+def test_decode_layout_changes_strides_only(tmp_path):
+    """generate puts the projection weights (d_out, d_in) in decode_layout: the transposed view of a contiguous
+    (d_in, d_out) tensor. Values, state dict, tying, the saved checkpoint and the model's outputs stay the same;
+    a second call copies nothing; bf16 weights and generation under autocast keep their layout."""
+    model = tiny_model(initializer_range=0.2, tie_word_embeddings=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids)
+    assert all(W.is_contiguous() for W in projection_weights(model))
+    generate(model, [[5, 6, 7]], 3, [1000])
+    assert all(W.stride() == (1, W.shape[0]) for W in projection_weights(model))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), logits, rtol=1e-5, atol=1e-5)
+    ptrs = [W.data_ptr() for W in projection_weights(model)]
+    decode_layout(model)
+    assert [W.data_ptr() for W in projection_weights(model)] == ptrs
+    save_model(model, tmp_path / "m")
+    reloaded = load_model(tmp_path / "m")
+    assert all(torch.equal(v, before[k]) for k, v in reloaded.state_dict().items())
+
+    bf16 = tiny_model().to(torch.bfloat16)
+    generate(bf16, [[5, 6, 7]], 3, [1000])
+    fp32 = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(fp32, [[5, 6, 7]], 3, [1000])
+    assert all(W.is_contiguous() for W in projection_weights(bf16) + projection_weights(fp32))
 
 
 def test_forward_with_cache_and_no_mask_is_causal_over_the_cached_keys():
