@@ -388,15 +388,18 @@ def logits_at(model: Llama, input_ids: torch.Tensor, keep: torch.Tensor) -> torc
 
 def init_weights(model: Llama, seed: int = 0) -> Llama:
     """Random initialisation for training from scratch: N(0, initializer_range) for linear and
-    embedding weights (as transformers does), ones for norms."""
-    g = torch.Generator().manual_seed(seed)
+    embedding weights (as transformers does), ones for norms. The draws are made on the model's device (a CPU
+    model's weights do not depend on the device a copy later moves to; a model built on a GPU draws there, seconds
+    for a billion weights where a CPU's draws took minutes)."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
     std = model.config.initializer_range
     for name, p in model.named_parameters():
         with torch.no_grad():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * std)
     return model
 
 

@@ -205,17 +205,21 @@ def make_batch(cfg: ModelConfig, B: int, T: int, seed: int, device: str) -> dict
 
 
 def build_ours(shape: Shape, dtype: torch.dtype, device: str, seed: int) -> Llama:
-    """The benchmark model: init_weights(seed) in fp32, then cast; both stacks start from these tensors."""
-    model = init_weights(Llama(shape.model), seed=seed)
-    return model.to(device=device, dtype=dtype)
+    """The benchmark model: init_weights(seed) in fp32 on the device, then cast; both stacks start from these
+    tensors. Built on the device itself: on a CPU a 1B model took 46 s to build and fill, and each bench worker
+    builds one to three."""
+    with torch.device(device):
+        model = init_weights(Llama(shape.model), seed=seed)
+    return model.to(dtype=dtype)
 
 
 def build_theirs(shape: Shape, dtype: torch.dtype, device: str, seed: int):
     """transformers' LlamaForCausalLM (SDPA attention) holding exactly build_ours' weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = LlamaForCausalLM(LlamaConfig(**shape.model.to_hf(), attn_implementation="sdpa"))
-    hf.load_state_dict(build_ours(shape, torch.float32, "cpu", seed).state_dict(), strict=True)
+    with torch.device(device):  # its own random init on the device too (75 s on a CPU at the 1B shape)
+        hf = LlamaForCausalLM(LlamaConfig(**shape.model.to_hf(), attn_implementation="sdpa"))
+    hf.load_state_dict(build_ours(shape, torch.float32, device, seed).state_dict(), strict=True)
     assert hf.lm_head.weight is hf.model.embed_tokens.weight or not shape.model.tie_word_embeddings
     hf.generation_config.eos_token_id = None  # generation always runs to max_new_tokens
     hf.generation_config.pad_token_id = 0
@@ -503,15 +507,23 @@ WORKERS = {"train": measure_train, "memory": measure_memory, "pair": measure_pai
 def run_worker(task: dict, env: dict | None = None) -> dict | None:
     """Runs one measurement in a fresh Python process (its own memory high-water mark, no state left by
     another stack), with `env` added to its environment; returns its result, or None after printing why it
-    failed."""
+    failed or that it ran past task["timeout"] seconds (0: no limit). One line on stderr says when each worker
+    is done, so a run stopped from outside still shows how far it got."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    what = " ".join(dict.fromkeys(str(task[k]) for k in ("kind", "stack", "targets", "dtype") if task.get(k)))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=task.get("timeout") or None)
+    except subprocess.TimeoutExpired:
+        print(f"  ! {what}: stopped after --worker-timeout {task['timeout']} s", file=sys.stderr, flush=True)
+        return None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        print(f"  ! {task['kind']} {task.get('stack', '')} {task.get('targets', '')} {task['dtype']} failed "
-              f"(exit {proc.returncode}):\n{tail}", file=sys.stderr)
+        print(f"  ! {what} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
         return None
+    print(f"  . {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -719,13 +731,17 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time our step with compiled blocks (train.py --compile) "
                    "against our eager step and theirs, and its peak memory (a minute or more of compiling per process)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our all-linear LoRA step")
-    p.add_argument("--json", default="", help="write every raw timing and memory figure to this file")
+    p.add_argument("--json", default="", help="write every raw timing and memory figure to this file (rewritten "
+                   "after each shape and dtype)")
+    p.add_argument("--worker-timeout", type=float, default=0, help="seconds a measurement's process may run before "
+                   "it is stopped and reported as such (0: no limit)")
     p.add_argument("--scaling", action="store_true", help="our step against T and r, AlignGuard overhead against "
                    "width and micro-batches per step (the README's scaling tables), instead of the comparison")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one measurement, JSON task
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
+    sys.stdout.reconfigure(line_buffering=True)  # each table line out at once, even into a pipe or file
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
@@ -767,7 +783,7 @@ def main(argv=None):
                 print("# the tiny check shape: these figures only show that every measurement runs")
             base = {"shape": shape_name, "dtype": dtype, "device": args.device, "threads": args.threads,
                     "seed": args.seed, "batch": B, "seq": T, "reps": reps, "warmup": warmup,
-                    "quiet_hf": missing is None, "no_eigh": args.no_eigh,
+                    "quiet_hf": missing is None, "no_eigh": args.no_eigh, "timeout": args.worker_timeout,
                     # --quick: half the new tokens, at least 8, never more than the shape's own
                     "gen_new": min(shape.gen_new, max(8, shape.gen_new // 2)) if args.quick else shape.gen_new}
             cells = {}
@@ -787,12 +803,13 @@ def main(argv=None):
             gen = run_worker({**base, "kind": "generate"}) if missing is None else None
             report(shape_name, dtype, args.device, cells, gen, peaks[dtype], B, T)
             results["runs"].append({**base, "cells": {f"{s}/{t}": v for (s, t), v in cells.items()}, "generate": gen})
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
             if args.profile:
                 prof = run_worker({**base, "kind": "profile", "targets": "all-linear", "reps": min(reps, 3)})
                 if prof is not None:
                     print(prof["table"])
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
         print(f"\n# raw results -> {args.json}")
 
 

@@ -21,8 +21,10 @@ track. Printed per dtype:
     it only at labelled positions) and attention: a lower bound.
 
 Exit status 1 when a dtype misses a tolerance. Also worth running in the same session (issue 7, MFU of a 1B shape,
-eager and with compiled blocks):
-    python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh --quick --compile
+eager and with compiled blocks), as a command of its own: a reviewer estimated 5-7 minutes on an H200 (12 worker
+processes, 4 of them compiling), so each worker is bounded and the results are kept as they come:
+    timeout 570 python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh --quick --compile \
+        --worker-timeout 150 --json $OUT/bench-1b.json
 """
 
 import argparse
