@@ -574,16 +574,17 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
 def decode_layout(model: Llama) -> Llama:
     """Stores each projection weight W (d_out, d_in) of a CPU model (q, k, v, o, gate, up, down, lm_head, and an
     adapted module's merged weight, alignguard.LoRALinear.merged_weight) as the transposed view of a contiguous
-    (d_in, d_out) tensor: the same tensor by value and shape, so the state dict, saving and every other use see
-    no change; only its strides do. Why: a decode step multiplies a few rows of x by Wᵀ, and MKL's fp32 product
-    with Wᵀ a transposed view is slow for few rows; with Wᵀ contiguous it is not (measured on the development
-    machine, torch 2.13, 2 threads, x @ Wᵀ with x of 4 rows: 576 x 576 291 -> 24 µs, 1536 x 576 177 -> 89 µs,
-    49152 x 576 12.5 -> 10.0 ms; 32 rows 1.7-2.6x; 256 rows and one row within 10%, so training, prefill and
-    scoring run as before). generate calls it: it is done once per model (a copy of each weight, one at a
-    time) and stays, and it is a no-op on a model already in this layout.
+    (d_in, d_out) tensor: the same values and shape, so the state dict and saved checkpoints do not change; only
+    the strides do, and with them the summation order of the products (the last bits of the outputs, as between
+    batch sizes). Why: a decode step multiplies a few rows of x by Wᵀ, and MKL's fp32 product is slow for few
+    rows when Wᵀ is a transposed view (nn.Linear's layout), not when it is contiguous. Measured on the
+    development machine, torch 2.13, 2 threads, x @ Wᵀ for 4 rows of x: 576 x 576 291 -> 24 µs, 1536 x 576
+    177 -> 89 µs, 49152 x 576 12.5 -> 10.0 ms; 32 rows 1.7-2.6x; 256 rows 1.01-1.08x and one row 0.89-1.27x,
+    so training, prefill and scoring run about as before. generate calls it: done once per model (a copy of
+    each weight, one at a time), it stays, and on a model already in this layout it copies nothing.
 
-    fp32 and fp64 weights only, on a CPU only: bf16 products measured no faster (lm_head 0.77x), and on CUDA
-    nothing was measured. A tied lm_head is embed_tokens' weight, so the embedding reads that layout too."""
+    fp32 and fp64 weights on a CPU only: bf16 products measured no faster (lm_head 0.77x), and on CUDA nothing
+    was measured. A tied lm_head is embed_tokens' weight, so the embedding reads that layout too."""
     lins = [model.lm_head]
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
@@ -595,6 +596,7 @@ def decode_layout(model: Llama) -> Llama:
                     and W.stride() != (1, W.shape[0])):
                 W.data = W.data.t().contiguous().t()  # (d_out, d_in), strides (1, d_out)
     return model
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """Next token per row of logits (B, V): argmax when temperature == 0, else nucleus sampling."""
