@@ -245,13 +245,15 @@ def random_basis(model, k: int, seed: int) -> dict[str, FisherBasis]:
     return basis
 
 
-def train_flops(cfg: ModelConfig, targets, r: int, B: int, T: int) -> float:
+def train_flops(cfg: ModelConfig, targets, r: int, B: int, T: int, n_loss: int | None = None) -> float:
     """FLOPs of one LoRA training step, counted as multiply-adds x 2:
 
-        forward   2·N·BT + 2·N_lora·BT             N = Σ d_in·d_out over all Linear weights incl. lm_head,
-        backward  2·N·BT + 4·N_lora·BT             N_lora = Σ r·(d_in + d_out) over adapted modules
-        attention 3 · L · B · 4·T²·nh·hd           QKᵀ and PV forward, twice that backward
+        forward   2·N·BT + 2·N_lora·BT + 2·C·V·n     N = Σ d_in·d_out over the blocks' Linear weights,
+        backward  2·N·BT + 4·N_lora·BT + 2·C·V·n     N_lora = Σ r·(d_in + d_out) over adapted modules
+        attention 3 · L · B · 4·T²·nh·hd              QKᵀ and PV forward, twice that backward
 
+    lm_head (C x V) counts at the n = n_loss labelled positions only (all B·T when None): the loss needs no
+    other, ours computes no other, and transformers' logits at the rest are work this count does not credit.
     The frozen weights get no gradient (no third 2·N·BT); attention is counted over the full T x T as in
     PaLM's MFU, without the causal half; norms, activations, softmax, loss and the optimizer are not counted.
     The backward input gradient of the first adapted layer is counted although autograd may skip it.
@@ -260,11 +262,12 @@ def train_flops(cfg: ModelConfig, targets, r: int, B: int, T: int) -> float:
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     linears = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
                "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
-    N = L * sum(i * o for i, o in linears.values()) + C * V
+    N = L * sum(i * o for i, o in linears.values())
     adapted = linears if targets == "all-linear" else {n: linears[n] for n in targets}
     N_lora = L * sum(r * (i + o) for i, o in adapted.values())
     attention = 3 * L * B * 4 * T * T * cfg.num_attention_heads * cfg.head_dim
-    return (4 * N + 6 * N_lora) * B * T + attention
+    n = B * T if n_loss is None else n_loss
+    return (4 * N + 6 * N_lora) * B * T + 4 * C * V * n + attention
 
 
 def matmul_peak(dtype: torch.dtype, device: str, reps: int) -> float:
@@ -606,7 +609,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
         else:
             row(f"LoRA step {tname}: tokens/s", f"{tok_o:,.0f}", "-", "", "")
             memory_row(f"LoRA step {tname}: peak MiB", o, None)
-        step_flops = train_flops(shape.model, TARGETS[tname], 8, B, T)
+        step_flops = train_flops(shape.model, TARGETS[tname], 8, B, T, o.get("n_loss_tokens"))
         flops = step_flops / med(o["step_s"])
         row(f"LoRA step {tname}: GFLOP/s", f"{flops / 1e9:,.1f}", "", f"{flops / peak:.0%} of mm peak", "")
         c, cm = cells.get(("compiled", tname)), cells.get(("ours-compiled", tname))

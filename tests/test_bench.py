@@ -135,3 +135,31 @@ def test_cuda_check_runs_on_cpu(tmp_path, capsys):
     assert set(lines) == {"fp32", "bf16"} and "reference" in lines["fp32"]
     assert code == 0 and " ok " in lines["bf16"]  # three steps of a tiny model: bf16 tracks fp32 to well under 2%
     assert len(cuda_check.read_metrics(tmp_path / "bf16")) == 3
+
+
+@pytest.mark.parametrize("targets", ["qkvo", "all-linear"])
+def test_train_flops_is_what_the_flop_counter_sees(targets):
+    """train_flops against torch's FlopCounterMode over one of our LoRA steps (tiny shape, fp32): the counted
+    matmul FLOPs are exactly train_flops less what the counter does not see or the step does not run, both
+    written out here: attention (SDPA's CPU kernel has no FLOP formula, aten.mm alone is counted) and layer 0's
+    input gradients (its input, the frozen embedding's output, needs none: q, k, v and their LoRA A)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    shape = bench.SHAPES["tiny"]
+    cfg, B, T, r = shape.model, shape.batch, shape.seq, 8
+    task = {"shape": "tiny", "dtype": "fp32", "device": "cpu", "seed": 0, "batch": B, "seq": T, "targets": targets}
+    _, step, _, n_loss, _ = bench.build_step(task, "ours")
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    assert set(counter.get_flop_counts()["Global"]) == {torch.ops.aten.mm}
+    attention = 3 * cfg.num_hidden_layers * B * 4 * T * T * cfg.num_attention_heads * cfg.head_dim
+    C, qkv = cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    layer0_dx = 2 * B * T * (C * qkv + 3 * r * C)
+    want = bench.train_flops(cfg, bench.TARGETS[targets], r, B, T, n_loss)
+    assert n_loss < B * T and counter.get_total_flops() == want - attention - layer0_dx
+
+
+def test_run_worker_stops_a_worker_at_its_timeout(capsys):
+    task = {"kind": "generate", "shape": "tiny", "dtype": "fp32", "device": "cpu", "timeout": 0.05}
+    assert bench.run_worker(task) is None
+    assert "generate fp32: stopped after --worker-timeout 0.05 s" in capsys.readouterr().err
