@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from alignguard import disable_lora, load_adapter, merged_lora, read_json_object, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
                   read_driftcheck, read_mc, read_prompts_csv, read_task)
-from model import checkpoint_digest, generate, load_model, logits_at
+from model import checkpoint_digest, decode_layout, generate, load_model, logits_at
 
 
 @dataclass
@@ -323,9 +323,10 @@ def score_driftcheck(model, tok, rows: list[dict], batch_size: int = 32, max_new
     """Greedy responses to DRIFTCHECK rows ({"prompt","label","category"}), classed and counted.
 
     Prompts are sorted by token length (longest first) so that each batch carries little left
-    padding, and the responses are put back in row order. An fp32 adapter runs merged
-    (alignguard.merged_lora: one matmul per adapted module), the model unchanged afterwards. judge(prompt, response) -> "refusal" |
-    "empty" | "other" replaces classify(); toxicity(prompt, response) -> bool replaces is_toxic().
+    padding, and the responses are put back in row order. An fp32 model generates in model.decode_layout and an
+    fp32 adapter runs merged (alignguard.merged_lora: one matmul per adapted module), the model unchanged
+    afterwards. judge(prompt, response) -> "refusal" | "empty" | "other" replaces classify();
+    toxicity(prompt, response) -> bool replaces is_toxic().
     Returns {"rows": [row + response, class, toxic], "metrics": driftcheck_metrics(...), "seconds"}.
     """
     judge = judge or (lambda prompt, response: classify(response))
@@ -334,7 +335,7 @@ def score_driftcheck(model, tok, rows: list[dict], batch_size: int = 32, max_new
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     responses = [None] * len(rows)
     t0 = time.time()
-    with eval_mode(model), merged_lora(model):
+    with eval_mode(model), decode_layout(model), merged_lora(model):  # merged weights take decode_layout's layout
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             new = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_ids=tok.eos_ids, pad_id=tok.pad_id)

@@ -20,6 +20,7 @@ of q_proj and k_proj inside each head. To bring Meta weights here, apply per wei
 (with nkv instead of nh for k_proj). This file only ever uses the rotate-half layout.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -570,32 +571,47 @@ def save_model(model: Llama, out_dir, state_dict: dict | None = None, tokenizer_
 
 # ----------------------------------------------------------------------------- generation
 
-@torch.no_grad()
-def decode_layout(model: Llama) -> Llama:
-    """Stores each projection weight W (d_out, d_in) of a CPU model (q, k, v, o, gate, up, down, lm_head, and an
-    adapted module's merged weight, alignguard.LoRALinear.merged_weight) as the transposed view of a contiguous
-    (d_in, d_out) tensor: the same values and shape, so the state dict and saved checkpoints do not change; only
-    the strides do, and with them the summation order of the products (the last bits of the outputs, as between
-    batch sizes). Why: a decode step multiplies a few rows of x by Wᵀ, and MKL's fp32 product is slow for few
-    rows when Wᵀ is a transposed view (nn.Linear's layout), not when it is contiguous. Measured on the
-    development machine, torch 2.13, 2 threads, x @ Wᵀ for 4 rows of x: 576 x 576 291 -> 24 µs, 1536 x 576
-    177 -> 89 µs, 49152 x 576 12.5 -> 10.0 ms; 32 rows 1.7-2.6x; 256 rows 1.01-1.08x and one row 0.89-1.27x,
-    so training, prefill and scoring run about as before. generate calls it: done once per model (a copy of
-    each weight, one at a time), it stays, and on a model already in this layout it copies nothing.
+@contextlib.contextmanager
+def decode_layout(model: Llama):
+    """Inside the block, each projection weight W (d_out, d_in) of a CPU fp32 model (q, k, v, o, gate, up, down,
+    lm_head) is stored as the transposed view of a contiguous (d_in, d_out) tensor; after it, contiguous again.
+    The values and shapes stay (the state dict and saved checkpoints read the same); the strides change, and
+    with them the summation order of the products inside the block (the last bits of the outputs, as between
+    batch sizes); after it the outputs are the same bits as before. Merged LoRA weights formed inside the block
+    (alignguard.merged_lora) take W0's layout. Why: a decode step multiplies a few rows of x by Wᵀ, and MKL's
+    fp32 product is slow for few rows when Wᵀ is a transposed view (nn.Linear's layout), not when it is
+    contiguous. Measured on the development machine, torch 2.13, 2 threads, x @ Wᵀ for 4 rows of x: 576 x 576
+    291 -> 24 µs, 1536 x 576 177 -> 89 µs, 49152 x 576 12.5 -> 10.0 ms; 32 rows 1.7-2.6x; 256 rows 1.01-1.08x
+    and one row 0.89-1.27x. Wrap a series of generate calls in it (eval.score_driftcheck does): entering and
+    leaving copy each weight once (one at a time; 0.4 s each way at SmolLM2-135M's shape).
 
-    fp32 and fp64 weights on a CPU only: bf16 products measured no faster (lm_head 0.77x), and on CUDA nothing
-    was measured. A tied lm_head is embed_tokens' weight, so the embedding reads that layout too."""
+    Scoped rather than kept: a layout that outlived the block would reach training, where hand-written
+    all_reduce of gradients across processes reads raw memory (ranks in different layouts would sum wrong
+    elements), and CUDA after model.to(). Inside the block the weights are not contiguous (.view(-1) on them
+    fails), and they get new storage on the way in and out, so a tensor taken from the state dict before it
+    no longer aliases them. Only fp32 outside autocast, on a CPU: bf16 products, and autocast's bf16 copies
+    of fp32 weights, measured no faster in this layout (lm_head 0.77x), fp64 and CUDA were not measured.
+    A tied lm_head is embed_tokens' weight, so the embedding's lookups read strided rows inside the block
+    (a reviewer measured 37.7 against 2.8 ms for 8,192 tokens at SmolLM2's shape: small next to decoding)."""
+    p = next(model.parameters())
     lins = [model.lm_head]
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         lins += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-    for lin in lins:
-        for key in ("weight", "merged_weight"):
-            W = getattr(lin, key, None)
-            if (W is not None and W.dim() == 2 and W.device.type == "cpu" and W.dtype in (torch.float32, torch.float64)
-                    and W.stride() != (1, W.shape[0])):
-                W.data = W.data.t().contiguous().t()  # (d_out, d_in), strides (1, d_out)
-    return model
+    changed = {}
+    if p.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        changed = {id(lin.weight): lin.weight for lin in lins
+                   if lin.weight.dtype == torch.float32 and lin.weight.dim() == 2 and lin.weight.is_contiguous()}
+    # plain tensors even when entered under torch.inference_mode, whose tensors could not be trained afterwards
+    with torch.inference_mode(False), torch.no_grad():
+        for W in changed.values():
+            W.data = W.data.t().contiguous().t()  # (d_out, d_in), strides (1, d_out)
+    try:
+        yield model
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for W in changed.values():
+                W.data = W.data.contiguous()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -634,13 +650,12 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, eos_id
     batch and a prompt alone, so only an argmax near-tie could differ. Sampling keeps the whole batch:
     there every step draws for all B rows, so a seeded row does not depend on when the others stop.
 
-    Outside autocast it first puts the model in decode_layout (once per model; the weights' values unchanged).
+    On a CPU, a series of calls runs faster inside `with decode_layout(model):` (fp32: SmolLM2-135M-Instruct's
+    DRIFTCHECK 1.37-1.41x, README: Performance).
     """
     cfg = model.config
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
-    if not torch.is_autocast_enabled(device.type):  # under autocast the products run on bf16 copies
-        decode_layout(model)
     B, P = len(prompts), max(len(x) for x in prompts)
     Tmax = P + max_new_tokens
     ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)

@@ -462,10 +462,10 @@ def measure_generate(task: dict) -> dict:
         result["theirs"] = out[:, P:].tolist()
 
     t0 = time.perf_counter()
-    decode_layout(ours)  # what our first generate call does once per model, timed apart: a one-off
-    layout_s = time.perf_counter() - t0
-    run_ours(), run_theirs()  # warm-up
-    t = time_interleaved({"ours": run_ours, "theirs": run_theirs}, task["reps"], device)
+    with decode_layout(ours):  # as eval.score_driftcheck generates: entered once, its copies timed apart
+        layout_s = time.perf_counter() - t0
+        run_ours(), run_theirs()  # warm-up
+        t = time_interleaved({"ours": run_ours, "theirs": run_theirs}, task["reps"], device)
     a, b = result["ours"], result["theirs"]
     n_equal = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     return {"ours_s": t["ours"], "theirs_s": t["theirs"], "new_tokens": len(prompts) * new,
@@ -527,7 +527,11 @@ def run_worker(task: dict, env: dict | None = None) -> dict | None:
         print(f"  ! {what} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
         return None
     print(f"  . {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    if task.get("log"):  # --json: every worker's result kept as it comes, for a run stopped from outside
+        with open(task["log"], "a") as f:
+            f.write(json.dumps({"task": task, "result": result}) + "\n")
+    return result
 
 
 # the memory worker's environment on a CPU: every allocation of 64 KiB or more mapped on its own (measure_memory)
@@ -656,7 +660,7 @@ def report(shape_name: str, dtype: str, device: str, cells: dict, gen: dict | No
             verdict(tok_o / tok_t, GOALS["generate"], True))
         same = "yes" if gen["tokens_equal"] else f"NO ({gen['n_equal']}/{gen['new_tokens']} equal)"
         row("  same tokens / max logit diff", same, f"{gen['logit_max_diff']:.1e}", "", "")
-        row("  model.decode_layout (once per model): s", f"{gen['layout_s']:.2f}", "", "", "")
+        row("  entering model.decode_layout (once): s", f"{gen['layout_s']:.2f}", "", "", "")
 
     spreads = {f"{s}/{t} {k}": max(v[k]) / min(v[k]) for (s, t), v in cells.items() if v
                for k in ("step_s", "ours_s", "theirs_s", "ag_plain_step_s", "ag_step_s", "kfac_s", "eager_s", "compiled_s")
@@ -735,7 +739,7 @@ def main(argv=None):
                    "against our eager step and theirs, and its peak memory (a minute or more of compiling per process)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our all-linear LoRA step")
     p.add_argument("--json", default="", help="write every raw timing and memory figure to this file (rewritten "
-                   "after each shape and dtype)")
+                   "after each shape and dtype; each worker's result is appended to FILE.workers.jsonl as it comes)")
     p.add_argument("--worker-timeout", type=float, default=0, help="seconds a measurement's process may run before "
                    "it is stopped and reported as such (0: no limit)")
     p.add_argument("--scaling", action="store_true", help="our step against T and r, AlignGuard overhead against "
@@ -744,7 +748,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
-    sys.stdout.reconfigure(line_buffering=True)  # each table line out at once, even into a pipe or file
+    if hasattr(sys.stdout, "reconfigure"):  # each table line out at once, even into a pipe or a file
+        sys.stdout.reconfigure(line_buffering=True)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
@@ -774,6 +779,8 @@ def main(argv=None):
         print("# note: this CPU has no native bf16 (avx512_bf16 / amx_bf16 not in /proc/cpuinfo): the bf16 sections "
               "measure its emulation, not comparable with a CPU that has it")
     results = {"env": env_header(args.device, torch.get_num_threads()), "peaks": peaks, "runs": []}
+    if args.json:
+        Path(args.json + ".workers.jsonl").write_text("")  # this run's workers only
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         B, T = args.batch or shape.batch, args.seq or shape.seq
@@ -787,6 +794,7 @@ def main(argv=None):
             base = {"shape": shape_name, "dtype": dtype, "device": args.device, "threads": args.threads,
                     "seed": args.seed, "batch": B, "seq": T, "reps": reps, "warmup": warmup,
                     "quiet_hf": missing is None, "no_eigh": args.no_eigh, "timeout": args.worker_timeout,
+                    "log": args.json and args.json + ".workers.jsonl",
                     # --quick: half the new tokens, at least 8, never more than the shape's own
                     "gen_new": min(shape.gen_new, max(8, shape.gen_new // 2)) if args.quick else shape.gen_new}
             cells = {}

@@ -22,7 +22,8 @@ track. Printed per dtype:
 
 Exit status 1 when a dtype misses a tolerance. Also worth running in the same session (issue 7, MFU of a 1B shape,
 eager and with compiled blocks), as a command of its own: a reviewer estimated 5-7 minutes on an H200 (12 worker
-processes, 4 of them compiling), so each worker is bounded and the results are kept as they come:
+processes, 4 of them compiling). Each worker is bounded, and each one's result is appended to
+$OUT/bench-1b.json.workers.jsonl as it comes, so a run stopped by the outer timeout keeps what it measured:
     timeout 570 python tests/bench.py --shape 1b --device cuda --dtype bf16 --no-eigh --quick --compile \
         --worker-timeout 150 --json $OUT/bench-1b.json
 """

@@ -222,23 +222,17 @@ def test_merged_lora_merges_only_where_it_keeps_delta_w():
         assert all(m.merged for m in lora_modules(model).values())
 
 
-def test_generation_puts_merged_weights_in_decode_layout_too():
-    """model.generate inside merged_lora (as eval.score_driftcheck runs it): the merged W0 + ΔW of each adapted
-    module is stored like W0 in model.decode_layout (strides (1, d_out)), the same values, the same tokens as
-    generation with the adapter unmerged; merged weights formed after that inherit the layout from W0."""
-    from model import generate
+def test_merged_weights_formed_in_decode_layout_take_its_layout():
+    """merged_lora inside model.decode_layout (as eval.score_driftcheck nests them): each merged W0 + ΔW is
+    stored like W0 (strides (1, d_out)), and generation gives the tokens of the unmerged adapter."""
+    from model import decode_layout, generate
     model, prompts = tied_lm(), [[5, 6, 7, 8], [9, 10]]
-    fresh = copy.deepcopy(model)
     unmerged = generate(model, prompts, 6, [1000])
-    mods = lora_modules(model).values()
-    with torch.no_grad(), merged_lora(model):  # W0 already in decode_layout: the merged weights inherit it
-        assert all(m.merged_weight.stride() == (1, m.out_features) for m in mods)
-    with torch.no_grad(), merged_lora(fresh):  # merged before the first generate: generate lays both out
-        merged = {m: m.merged_weight.clone() for m in lora_modules(fresh).values()}
-        assert all(w.is_contiguous() for w in merged.values())
-        assert generate(fresh, prompts, 6, [1000]) == unmerged
-        assert all(m.merged_weight.stride() == (1, m.out_features) and m.weight.stride() == (1, m.out_features)
-                   and torch.equal(m.merged_weight, w) for m, w in merged.items())
+    with decode_layout(model), merged_lora(model):
+        mods = lora_modules(model).values()
+        assert all(m.merged_weight.stride() == m.weight.stride() == (1, m.out_features) for m in mods)
+        assert generate(model, prompts, 6, [1000]) == unmerged
+    assert all(m.weight.is_contiguous() and not m.merged for m in lora_modules(model).values())
 
 
 def test_bf16_base_keeps_fp32_lora_weights():

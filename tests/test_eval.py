@@ -19,7 +19,7 @@ import eval as ev
 from alignguard import LoRAConfig, add_lora, disable_lora, load_adapter, lora_modules, remove_lora, save_adapter
 from conftest import REFUSAL, SAFE, SENTIMENT, UNSAFE, write_jsonl
 from data import encode_example, encode_text, load_tokenizer, read_align
-from model import Llama, ModelConfig, checkpoint_digest, decode_layout, init_weights, load_model
+from model import Llama, ModelConfig, checkpoint_digest, init_weights, load_model
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -441,14 +441,13 @@ def test_score_driftcheck_generates_with_the_adapter_merged_and_restores_it(tiny
         for m in lora_modules(model).values():
             m.lora_B.weight.copy_(0.3 * torch.randn(m.lora_B.weight.shape, generator=g))
     x = torch.tensor([[1, 2, 3, 4]])
-    decode_layout(model)  # what generate does first: its other summation order changes the last bits of the outputs
     with torch.no_grad():
         y = model(x)
     rows, seen = driftcheck_rows(), []
     generate = ev.generate
 
-    def spy(model_, *args, **kw):
-        seen.append(all(m.merged for m in lora_modules(model_).values()))
+    def spy(model_, *args, **kw):  # merged, and (decode_layout) the base weights transposed views
+        seen.append(all(m.merged and m.weight.stride() == (1, m.out_features) for m in lora_modules(model_).values()))
         return generate(model_, *args, **kw)
 
     monkeypatch.setattr(ev, "generate", spy)

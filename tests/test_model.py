@@ -180,36 +180,35 @@ def projection_weights(model):
     return [lin.weight for lin in lins]
 
 
-def test_decode_layout_changes_strides_only(tmp_path):
-    """generate puts the projection weights (d_out, d_in) in decode_layout: the transposed view of a contiguous
-    (d_in, d_out) tensor. Values, state dict, tying and the saved checkpoint stay the same, the outputs within rounding;
-    a second call copies nothing; bf16 weights and generation under autocast keep their layout."""
+def test_decode_layout_changes_strides_inside_the_block_only(tmp_path):
+    """Inside decode_layout the projection weights (d_out, d_in) are transposed views of contiguous (d_in, d_out)
+    tensors: values, state dict, tying and a checkpoint saved there stay the same, the outputs and generated
+    tokens within rounding. After it the weights are contiguous and the outputs the same bits as before, also
+    when entered under inference_mode (its tensors could not be trained). bf16 weights and autocast keep theirs."""
     model = tiny_model(initializer_range=0.2, tie_word_embeddings=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids)
+    tokens = generate(model, [[5, 6, 7], [8, 9]], 6, [1000])
     assert all(W.is_contiguous() for W in projection_weights(model))
-    generate(model, [[5, 6, 7]], 3, [1000])
-    assert all(W.stride() == (1, W.shape[0]) for W in projection_weights(model))
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
-    with torch.no_grad():
+    with torch.inference_mode(), decode_layout(model):
+        assert all(W.stride() == (1, W.shape[0]) and not W.is_inference() for W in projection_weights(model))
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+        inside = model.state_dict()
+        assert inside.keys() == before.keys() and all(torch.equal(inside[k], v) for k, v in before.items())
         torch.testing.assert_close(model(ids), logits, rtol=1e-5, atol=1e-5)
-    ptrs = [W.data_ptr() for W in projection_weights(model)]
-    decode_layout(model)
-    assert [W.data_ptr() for W in projection_weights(model)] == ptrs
-    save_model(model, tmp_path / "m")
-    reloaded = load_model(tmp_path / "m")
-    assert all(torch.equal(v, before[k]) for k, v in reloaded.state_dict().items())
+        assert generate(model, [[5, 6, 7], [8, 9]], 6, [1000]) == tokens
+        save_model(model, tmp_path / "m")
+    assert all(W.is_contiguous() and not W.is_inference() for W in projection_weights(model))
+    with torch.no_grad():
+        assert torch.equal(model(ids), logits)
+    assert all(torch.equal(v, before[k]) for k, v in load_model(tmp_path / "m").state_dict().items())
+    model(ids).sum().backward()  # trainable again after a block entered under inference_mode
 
-    bf16 = tiny_model().to(torch.bfloat16)
-    generate(bf16, [[5, 6, 7]], 3, [1000])
-    fp32 = tiny_model()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        generate(fp32, [[5, 6, 7]], 3, [1000])
-    assert all(W.is_contiguous() for W in projection_weights(bf16) + projection_weights(fp32))
+    bf16, fp32 = tiny_model().to(torch.bfloat16), tiny_model()
+    with decode_layout(bf16), torch.autocast("cpu", dtype=torch.bfloat16), decode_layout(fp32):
+        assert all(W.is_contiguous() for W in projection_weights(bf16) + projection_weights(fp32))
 
 
 def test_forward_with_cache_and_no_mask_is_causal_over_the_cached_keys():
