@@ -583,7 +583,7 @@ def decode_layout(model: Llama):
     contiguous. Measured on the development machine, torch 2.13, 2 threads, x @ Wᵀ for 4 rows of x: 576 x 576
     291 -> 24 µs, 1536 x 576 177 -> 89 µs, 49152 x 576 12.5 -> 10.0 ms; 32 rows 1.7-2.6x; 256 rows 1.01-1.08x
     and one row 0.89-1.27x. Wrap a series of generate calls in it (eval.score_driftcheck does): entering and
-    leaving copy each weight once (one at a time; 0.4 s each way at SmolLM2-135M's shape).
+    leaving copy each weight once (one at a time; entering took 0.4-0.5 s at SmolLM2-135M's shape).
 
     Scoped rather than kept: a layout that outlived the block would reach training, where hand-written
     all_reduce of gradients across processes reads raw memory (ranks in different layouts would sum wrong
