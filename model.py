@@ -593,15 +593,14 @@ def decode_layout(model: Llama):
     of fp32 weights, measured no faster in this layout (lm_head 0.77x), fp64 and CUDA were not measured.
     A tied lm_head is embed_tokens' weight, so the embedding's lookups read strided rows inside the block
     (a reviewer measured 37.7 against 2.8 ms for 8,192 tokens at SmolLM2's shape: small next to decoding)."""
-    p = next(model.parameters())
     lins = [model.lm_head]
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         lins += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
     changed = {}
-    if p.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+    if next(model.parameters()).device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
         changed = {id(lin.weight): lin.weight for lin in lins
-                   if lin.weight.dtype == torch.float32 and lin.weight.dim() == 2 and lin.weight.is_contiguous()}
+                   if lin.weight.dtype == torch.float32 and lin.weight.is_contiguous()}
     # plain tensors even when entered under torch.inference_mode, whose tensors could not be trained afterwards
     with torch.inference_mode(False), torch.no_grad():
         for W in changed.values():

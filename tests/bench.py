@@ -779,8 +779,9 @@ def main(argv=None):
         print("# note: this CPU has no native bf16 (avx512_bf16 / amx_bf16 not in /proc/cpuinfo): the bf16 sections "
               "measure its emulation, not comparable with a CPU that has it")
     results = {"env": env_header(args.device, torch.get_num_threads()), "peaks": peaks, "runs": []}
-    if args.json:
-        Path(args.json + ".workers.jsonl").write_text("")  # this run's workers only
+    worker_log = args.json and args.json + ".workers.jsonl"
+    if worker_log:
+        Path(worker_log).write_text("")  # this run's workers only
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         B, T = args.batch or shape.batch, args.seq or shape.seq
@@ -794,7 +795,7 @@ def main(argv=None):
             base = {"shape": shape_name, "dtype": dtype, "device": args.device, "threads": args.threads,
                     "seed": args.seed, "batch": B, "seq": T, "reps": reps, "warmup": warmup,
                     "quiet_hf": missing is None, "no_eigh": args.no_eigh, "timeout": args.worker_timeout,
-                    "log": args.json and args.json + ".workers.jsonl",
+                    "log": worker_log,
                     # --quick: half the new tokens, at least 8, never more than the shape's own
                     "gen_new": min(shape.gen_new, max(8, shape.gen_new // 2)) if args.quick else shape.gen_new}
             cells = {}
