@@ -73,7 +73,7 @@ class EvalConfig:
     sizes: tuple = ()              # task-set size D of each --adapter, for the loss-vs-D fit (repeat the flag)
     out: str = "report"            # writes OUT.md and OUT.json
     force: bool = False            # overwrite existing report files
-    batch_size: int = 32           # prompts per generation batch
+    batch_size: int = 64           # prompts per generation batch (README: Performance, DRIFTCHECK batch size)
     score_batch: int = 8           # sequences per likelihood batch (accuracy, held-out loss, KL)
     max_new_tokens: int = 64       # response budget; the refusal detector reads at most 200 characters
     max_len: int = 512             # tokens per scored sequence; held-out texts are cut into windows of it
@@ -318,7 +318,7 @@ def progress_line(desc: str, done: int, total: int, t0: float):
     print(f"\r{desc}: {done}/{total} rows | {speed:.1f} rows/s | ETA {eta:.0f}s   ", end="", file=sys.stderr, flush=True)
 
 
-def score_driftcheck(model, tok, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 64, judge=None,
+def score_driftcheck(model, tok, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 64, judge=None,
                      toxicity=None, progress: bool = True, system: str | None = None, desc: str = "driftcheck") -> dict:
     """Greedy responses to DRIFTCHECK rows ({"prompt","label","category"}), classed and counted.
 
