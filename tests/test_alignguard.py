@@ -830,6 +830,51 @@ def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
     assert growth < dense / 10, f"saved-for-backward grew by {growth} bytes for 6 modules; one ΔW each is {dense}"
 
 
+def test_factored_terms_cost_grows_linearly_in_width_and_e_rm_quadratically():
+    """Issue 7: the overhead must stay linear in d, not d², except for E_rm. Counted, not timed: the matmul FLOPs
+    (torch's FlopCounterMode) and the largest tensor any op makes, forward and backward, of the terms of a stack
+    of two d x d modules (r 8, k 32), once with E_rm replaced by zero and once with it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    def cost(d, rm_fn):
+        model, basis = lora_stack([(d, d)] * 2, r=8, k=32)
+        mods = lora_modules(model)
+        A = torch.stack([m.lora_A.weight for m in mods.values()])  # (2, r, d)
+        B = torch.stack([m.lora_B.weight for m in mods.values()])  # (2, d, r)
+        U_g, g, U_a, a = (torch.stack([getattr(basis[n], f) for n in mods]) for f in ("U_g", "g", "U_a", "a"))
+        largest = Largest()
+        with FlopCounterMode(display=False) as flops, largest:
+            terms = module_penalties(A, B, 2.0, U_g, g, U_a, a, rm_fn=rm_fn)
+            sum(v.sum() for key, v in terms.items() if key != "cos_literal").backward()
+        assert all(p.grad is not None for p in lora_parameters(model))  # the backward reached the factors
+        return flops.get_total_flops(), largest.numel
+
+    def no_rm(A, *args, **kw):
+        return A.new_zeros(A.shape[:-2])
+
+    widths = (256, 512, 1024)
+    factored = [cost(d, no_rm) for d in widths]
+    rm = [cost(d, e_rm) for d in widths]
+    for (f0, _), (f1, _), d in zip(factored, factored[1:], widths):
+        assert 1.5 < f1 / f0 < 2.1, f"factored terms' FLOPs grew {f1 / f0:.2f}x from width {d} to {2 * d}"
+    for (_, n), d in zip(factored, widths):
+        assert n <= 2 * d * 32, f"a factored term made a tensor of {n} entries at width {d}: more than U_g's"
+    assert rm[-1][0] / rm[-2][0] > 3.5 and rm[-1][1] >= 2 * 1024**2  # E_rm is d² (the count sees it)
+
+
 def test_penalties_are_fp32_under_bf16_autocast_and_totals_add_up():
     model, basis = lora_stack([(16, 16), (16, 24), (24, 16), (16, 16), (16, 24)])  # stacks of 2, 2 and 1
     cfg = AlignGuardConfig(lambda_a=10.0, lambda_t=0.5, lambda_nc=2.0, alpha=0.3, beta=1.5)
