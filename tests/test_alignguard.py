@@ -833,7 +833,8 @@ def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
 def test_factored_terms_cost_grows_linearly_in_width_and_e_rm_quadratically():
     """Issue 7: the overhead must stay linear in d, not d², except for E_rm. Counted, not timed: the matmul FLOPs
     (torch's FlopCounterMode) and the largest tensor any op makes, forward and backward, of the terms of a stack
-    of two d x d modules (r 8, k 32), once with E_rm replaced by zero and once with it."""
+    of two d x d modules (r 8, k 32), through penalties() as training calls it, once with E_rm replaced by zero and
+    once with it."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -852,14 +853,10 @@ def test_factored_terms_cost_grows_linearly_in_width_and_e_rm_quadratically():
     def cost(d, rm_fn):
         alignguard.release_rm_buffers()  # E_rm's kept buffer is then allocated inside the count, whatever ran before
         model, basis = lora_stack([(d, d)] * 2, r=8, k=32)
-        mods = lora_modules(model)
-        A = torch.stack([m.lora_A.weight for m in mods.values()])  # (2, r, d)
-        B = torch.stack([m.lora_B.weight for m in mods.values()])  # (2, d, r)
-        U_g, g, U_a, a = (torch.stack([getattr(basis[n], f) for n in mods]) for f in ("U_g", "g", "U_a", "a"))
         largest = Largest()
-        with FlopCounterMode(display=False) as flops, largest:
-            terms = module_penalties(A, B, 2.0, U_g, g, U_a, a, rm_fn=rm_fn)
-            sum(v.sum() for key, v in terms.items() if key != "cos_literal").backward()
+        with pytest.MonkeyPatch.context() as mp, FlopCounterMode(display=False) as flops, largest:
+            mp.setattr(alignguard, "e_rm", rm_fn)  # penalties looks e_rm up when it runs
+            penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.5))[0].backward()
         assert all(p.grad is not None for p in lora_parameters(model))  # the backward reached the factors
         return flops.get_total_flops(), largest.numel
 
