@@ -794,12 +794,24 @@ def release_rm_buffers():
 
 
 def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
+    """E_rm of e_rm_value_and_grads, its gradient attached for autograd (with_grad=False: the value only)."""
+    E, grad_A, grad_B = e_rm_value_and_grads(A.detach(), B.detach(), s, U_g, U_a, beta, eps, with_grad)
+    return E if grad_A is None else _attach_grads(E, (A, grad_A), (B, grad_B))
+
+
+def _attach_grads(value, *pairs):
+    """value + Σ <g, x − x.detach()>: x − x.detach() is zero with derivative 1, so the result equals value
+    and autograd gives each x the gradient g (computed outside autograd, of the same shape)."""
+    return value + sum(_inner(g, x - x.detach()) for x, g in pairs)
+
+
+def e_rm_value_and_grads(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     """E_rm = Σ_ij ρ_ij |ΔW_A,ij ΔW_T,ij| / D,  D = Σ_ij ρ_ij (ΔW_A,ij² + ΔW_T,ij²)/2 + ε,  in [0, 1],
     ρ_ij = 1 + β·sigmoid((|ΔW_ij| − τ)/τ), τ = RMS(ΔW): large coordinates weigh more; ρ is a constant
     weight. ε: at B = 0 the ratio is 0/0. Needs β ≥ 0 (AlignGuardConfig checks it), so that ρ > 0.
 
-    Value and gradient come from one sweep over the (d_out, d_in) matrices (no backward pass over them),
-    outside autograd. With
+    Returns (E, ∂E/∂A, ∂E/∂B), the gradients None when with_grad=False. Value and gradient come from one
+    sweep over the (d_out, d_in) matrices (no backward pass over them), outside autograd. With
     S = sign(ΔW_A ⊙ ΔW_T) and ΔW_A = U_g U_gᵀ ΔW U_a U_aᵀ (a projection, self-adjoint):
 
         G_T = ∂E/∂ΔW_T = ρ (S ΔW_A − E ΔW_T) / D,   G_A = ∂E/∂ΔW_A = ρ (S ΔW_T − E ΔW_A) / D,
@@ -812,9 +824,10 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
     formed; ρ X = X + β·sigmoid(..)·X is one addcmul, so ρ is never formed either; and
     τ² = s²<BᵀB, AAᵀ>/(d_out d_in) comes from the factors.
 
-    Autograd keeps only these (d_out, r) and (r, d_in) gradients: the memory saved for backward does not
-    grow with the number of modules, and backward recomputes nothing (activation checkpointing would
-    rebuild every matrix and differentiate it again). tests/ check it against autograd and gradcheck.
+    Autograd keeps only these (d_out, r) and (r, d_in) gradients (e_rm, module_penalties attach them): the
+    memory saved for backward does not grow with the number of modules, and backward recomputes nothing
+    (activation checkpointing would rebuild every matrix and differentiate it again). tests/ check it
+    against autograd and gradcheck.
     """
     if beta < 0:
         raise ValueError(f"e_rm needs beta >= 0 (rho = 1 + beta * sigmoid(..) > 0), got {beta}")
@@ -839,7 +852,7 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
         G_T = torch.copysign(rA, dW_T, out=sig)                # ρ S ΔW_A  (ρ > 0)
         E = _dots(G_T, dW_T) / D                               # Σ ρ |ΔW_A ΔW_T| = <ρ S ΔW_A, ΔW_T>
         if not with_grad:
-            return E
+            return E, None, None
         E_ = -E[..., None, None]  # (.., 1, 1) to broadcast
         G_T.addcmul_(rT, E_)                                   # D·G_T = ρ (S ΔW_A − E ΔW_T)
         G_A = torch.copysign(rT, dW_A, out=rT).addcmul_(rA, E_)  # D·G_A = ρ (S ΔW_T − E ΔW_A)
@@ -850,13 +863,12 @@ def e_rm(A, B, s, U_g, U_a, beta, eps, with_grad=True):
         GT_B = torch.cat([B, B_A], -1).mT @ G_T           # (.., 2r, d_in): Bᵀ G_T over (P_g B)ᵀ G_T
         grad_B = c * (GT_A[..., :r] + U_g @ (U_g.mT @ (G_A @ A_A.mT - GT_A[..., r:])))
         grad_A = c * (GT_B[..., :r, :] + ((B_A.mT @ G_A - GT_B[..., r:, :]) @ U_a) @ U_a.mT)
-    # B − B.detach() is zero with derivative 1: the value stays E, the gradient becomes (grad_A, grad_B)
-    return E + _inner(grad_B, B - B.detach()) + _inner(grad_A, A - A.detach())
+    return E, grad_A, grad_B
 
 
 @functools.cache
 def compiled_e_rm():
-    """e_rm through torch.compile with dynamic shapes: its elementwise passes over the (d_out, d_in)
+    """e_rm_value_and_grads through torch.compile with dynamic shapes: its elementwise passes over the (d_out, d_in)
     matrices fused into a few, compiled for a handful of graphs rather than for every module shape. Measured
     on CPU, the whole penalty of the SmolLM2 shape (all-linear, k = 32): 55 s of compiling in a fresh process
     with an empty inductor cache, then 525 ms a step against 669 ms eager."""
@@ -864,11 +876,12 @@ def compiled_e_rm():
     # and the dtype are guarded on); past dynamo's recompile_limit (8; cache_size_limit, its name before torch
     # 2.7 and an alias since) it would run eagerly, after one warning
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(e_rm, dynamic=True)
+    return torch.compile(e_rm_value_and_grads, dynamic=True)
 
 
 def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: float = 1e-8,
-                     rm_grad: bool = True, rm_fn=e_rm, rm_modules: int | None = None) -> dict[str, torch.Tensor]:
+                     rm_grad: bool = True, rm_fn=e_rm_value_and_grads,
+                     rm_modules: int | None = None) -> dict[str, torch.Tensor]:
     """The terms of one module (or of a stack (L, ..) of same-shape modules, one value each), in fp32
     (fp64 for fp64 A) under any autocast:
 
@@ -878,14 +891,16 @@ def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: flo
               = ½ (||Cᵀ X||² + ||C Yᵀ||²) / (||C||² ||ΔW_T||² + ε),  as ΔW_Aᵀ ΔW_T = U_a Cᵀ X
                                                                          and ΔW_A ΔW_Tᵀ = U_g C Yᵀ
               (X = s·P A⊥ and Y = s·B⊥ Q of lora_split, never formed)
-        E_rm  = e_rm, whose (d_out, d_in) matrices live only inside it
+        E_rm  = e_rm_value_and_grads (rm_fn), whose (d_out, d_in) matrices live only inside it
         cos_literal = <ΔW_A, ΔW_T>² / (||ΔW_A||² ||ΔW_T||² + ε), no grad, must stay ~0.
 
     cos_literal does not assume UᵀU = I as the other terms do: <ΔW_A, ΔW> = ||C||² always and
     ||ΔW_A||² = <(U_gᵀU_g) C (U_aᵀU_a), C>, so it is ~0 exactly when the basis is orthonormal and flags a
     corrupted one. With rm_grad=False E_rm is evaluated without autograd, a logged value only.
     rm_modules: E_rm takes at most this many modules of the stack at a time (its dense matrices bound
-    the peak memory); the factored terms take the whole stack at once.
+    the peak memory); the factored terms take the whole stack at once. The chunks' gradients are joined and
+    attached to the whole stack once: attached to each chunk's slice, backward would add a zero-filled
+    gradient of the whole stack per chunk (quadratic in the number of modules).
     """
     with torch.autocast(A.device.type, enabled=False):
         A, B = _f32(A), _f32(B)
@@ -898,12 +913,15 @@ def module_penalties(A, B, s: float, U_g, g, U_a, a, beta: float = 1.0, eps: flo
         geo = _inner(PC @ PC.mT, A_perp @ A_perp.mT) + _inner(QC @ QC.mT, B_perp.mT @ B_perp)
         E_geo = 0.5 * s**2 * geo / (dWA_sq * dWT_sq + eps)
         with_grad = rm_grad and torch.is_grad_enabled()
-        if A.dim() == 2 or rm_modules is None:
-            E_rm = rm_fn(A, B, s, U_g, U_a, beta, eps, with_grad=with_grad)
-        else:
-            E_rm = torch.cat([rm_fn(A[i:i + rm_modules], B[i:i + rm_modules], s, U_g[i:i + rm_modules],
-                                    U_a[i:i + rm_modules], beta, eps, with_grad=with_grad)
-                              for i in range(0, A.shape[0], rm_modules)])
+        chunks = [slice(None)]  # the whole stack at once, or rm_modules modules at a time
+        if A.dim() > 2 and rm_modules:
+            chunks = [slice(i, i + rm_modules) for i in range(0, A.shape[0], rm_modules)]
+        parts = [rm_fn(A[c].detach(), B[c].detach(), s, U_g[c], U_a[c], beta, eps, with_grad=with_grad)
+                 for c in chunks]  # (E, ∂E/∂A, ∂E/∂B) of each chunk
+        E_rm = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        if with_grad:
+            grad_A, grad_B = (torch.cat([p[i] for p in parts]) for i in (1, 2))  # (.., r, d_in), (.., d_out, r)
+            E_rm = _attach_grads(E_rm, (A, grad_A), (B, grad_B))
         with torch.no_grad():
             lit_A = _inner((U_g.mT @ U_g) @ C @ (U_a.mT @ U_a), C)  # ||ΔW_A||²
             lit_T = s**2 * _inner(B.mT @ B, A @ A.mT) - 2 * dWA_sq + lit_A  # ||ΔW − ΔW_A||²
@@ -933,8 +951,9 @@ def penalties(model: nn.Module, basis: dict[str, FisherBasis], cfg: AlignGuardCo
         A = torch.stack([mods[n].lora_A.weight for n in names])  # (L, r, d_in)
         B = torch.stack([mods[n].lora_B.weight for n in names])  # (L, d_out, r)
         U_g, g, U_a, a = (torch.stack([getattr(basis[n], f) for n in names]) for f in ("U_g", "g", "U_a", "a"))
+        rm_fn = compiled_e_rm() if cfg.compile_rm else e_rm_value_and_grads  # looked up here: tests swap it
         t = module_penalties(A, B, m0.scaling, U_g, g, U_a, a, cfg.beta, cfg.eps,
-                             rm_grad=cfg.lambda_nc * cfg.alpha > 0, rm_fn=compiled_e_rm() if cfg.compile_rm else e_rm,
+                             rm_grad=cfg.lambda_nc * cfg.alpha > 0, rm_fn=rm_fn,
                              rm_modules=max(1, cfg.rm_chunk // (m0.in_features * m0.out_features)))
         terms = {key: terms.get(key, 0) + v.sum() for key, v in t.items()}
     total = (cfg.lambda_a * terms["R_A"] + cfg.lambda_t * terms["R_T"]

@@ -855,23 +855,57 @@ def test_factored_terms_cost_grows_linearly_in_width_and_e_rm_quadratically():
         model, basis = lora_stack([(d, d)] * 2, r=8, k=32)
         largest = Largest()
         with pytest.MonkeyPatch.context() as mp, FlopCounterMode(display=False) as flops, largest:
-            mp.setattr(alignguard, "e_rm", rm_fn)  # penalties looks e_rm up when it runs
+            mp.setattr(alignguard, "e_rm_value_and_grads", rm_fn)  # penalties looks it up when it runs
             penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.5))[0].backward()
         assert all(p.grad is not None for p in lora_parameters(model))  # the backward reached the factors
         return flops.get_total_flops(), largest.numel
 
-    def no_rm(A, *args, **kw):
-        return A.new_zeros(A.shape[:-2])
+    def no_rm(A, B, *args, **kw):
+        return A.new_zeros(A.shape[:-2]), torch.zeros_like(A), torch.zeros_like(B)
 
     widths = (256, 512, 1024)
     factored = [cost(d, no_rm) for d in widths]
-    rm = [cost(d, e_rm) for d in widths]
+    rm = [cost(d, alignguard.e_rm_value_and_grads) for d in widths]
     alignguard.release_rm_buffers()
     for (f0, _), (f1, _), d in zip(factored, factored[1:], widths):
         assert 1.5 < f1 / f0 < 2.1, f"factored terms' FLOPs grew {f1 / f0:.2f}x from width {d} to {2 * d}"
     for (_, n), d in zip(factored, widths):
         assert n <= 2 * d * 32, f"a factored term made a tensor of {n} entries at width {d}: more than U_g's"
     assert rm[-1][0] / rm[-2][0] > 3.5 and rm[-1][1] == 5 * 2 * 1024**2  # E_rm's buffer: 5 (d, d) matrices a module
+
+
+def test_e_rm_in_chunks_gives_the_same_gradients_and_backward_work_linear_in_the_stack():
+    """E_rm over a stack one module at a time (rm_chunk of one module) against the whole stack at once: the
+    same value and LoRA gradients, and the entries that backward's ops write grow linearly with the number
+    of modules L (attaching each chunk's gradient to its slice of the stack would make backward add a
+    zero-filled gradient of the whole stack per chunk: L² entries)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Written(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.numel += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
+                              if isinstance(t, torch.Tensor))
+            return out
+
+    def run(L, rm_chunk):
+        model, basis = lora_stack([(16, 24)] * L, r=4, k=4)
+        total, _ = penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=1.0, rm_chunk=rm_chunk))
+        written = Written()
+        with written:
+            total.backward()
+        return total.detach(), [p.grad for p in lora_parameters(model)], written.numel
+
+    whole, chunked = run(8, 2**21), run(8, 16 * 24)
+    torch.testing.assert_close(chunked[0], whole[0])
+    for got, want in zip(chunked[1], whole[1]):
+        torch.testing.assert_close(got, want)
+    n8, n32 = chunked[2], run(32, 16 * 24)[2]
+    assert n32 < 5 * n8, f"backward wrote {n8} entries for 8 modules, {n32} for 32: not linear in the stack"
 
 
 def test_penalties_are_fp32_under_bf16_autocast_and_totals_add_up():
