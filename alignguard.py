@@ -73,7 +73,7 @@ class AlignGuardConfig:
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
     rm_chunk: int = 2**21  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers: 40 MiB, kept on a CPU); README: Performance
-    compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~55 s of compiling, then ~20% less penalty time on CPU
+    compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~50 s of compiling, then 15-20% less penalty time on CPU
 
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):
@@ -870,8 +870,8 @@ def e_rm_value_and_grads(A, B, s, U_g, U_a, beta, eps, with_grad=True):
 def compiled_e_rm():
     """e_rm_value_and_grads through torch.compile with dynamic shapes: its elementwise passes over the (d_out, d_in)
     matrices fused into a few, compiled for a handful of graphs rather than for every module shape. Measured
-    on CPU, the whole penalty of the SmolLM2 shape (all-linear, k = 32): 55 s of compiling in a fresh process
-    with an empty inductor cache, then 525 ms a step against 669 ms eager."""
+    on CPU, the whole penalty of the SmolLM2 shape (all-linear, k = 32): 49 s of compiling in a fresh process
+    with an empty inductor cache, then 708 ms a step against 830 ms eager (medians, interleaved)."""
     # the stacks of one model already make several graphs (shapes of 0/1 and equal sizes specialise, with_grad
     # and the dtype are guarded on); past dynamo's recompile_limit (8; cache_size_limit, its name before torch
     # 2.7 and an alias since) it would run eagerly, after one warning
