@@ -868,10 +868,11 @@ def e_rm_value_and_grads(A, B, s, U_g, U_a, beta, eps, with_grad=True):
 
 @functools.cache
 def compiled_e_rm():
-    """e_rm_value_and_grads through torch.compile with dynamic shapes: its elementwise passes over the (d_out, d_in)
-    matrices fused into a few, compiled for a handful of graphs rather than for every module shape. Measured
-    on CPU, the whole penalty of the SmolLM2 shape (all-linear, k = 32): 49 s of compiling in a fresh process
-    with an empty inductor cache, then 708 ms a step against 830 ms eager (medians, interleaved)."""
+    """e_rm_value_and_grads through torch.compile with dynamic shapes: its elementwise passes over the
+    (d_out, d_in) matrices fused into a few, compiled for a handful of graphs rather than for every module
+    shape (outside autograd, so no backward graph is compiled). Measured on CPU, the whole penalty of the
+    SmolLM2 shape (all-linear, k = 32): 49 s of compiling in a fresh process with an empty inductor cache,
+    then 708 ms a step against 830 ms eager (medians, interleaved)."""
     # the stacks of one model already make several graphs (shapes of 0/1 and equal sizes specialise, with_grad
     # and the dtype are guarded on); past dynamo's recompile_limit (8; cache_size_limit, its name before torch
     # 2.7 and an alias since) it would run eagerly, after one warning
