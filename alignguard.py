@@ -52,8 +52,13 @@ class LoRAConfig:
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if not self.targets:
             raise ValueError("LoRAConfig.targets is empty: name the modules to adapt (e.g. 'q_proj') or 'all-linear'")
-        if self.r < 1 or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRAConfig needs r >= 1 and 0 <= dropout < 1, got r={self.r}, dropout={self.dropout}")
+        if self.r < 1:
+            raise ValueError(f"LoRAConfig.r (--lora-r) must be at least 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRAConfig.dropout (--lora-dropout) must be in [0, 1), got {self.dropout}")
+        if not math.isfinite(self.alpha) or self.alpha == 0:
+            raise ValueError(f"LoRAConfig.alpha (--lora-alpha) must be a finite number other than 0 (s = alpha / r "
+                             f"scales every update), got {self.alpha}")
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"LoRAConfig.init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
@@ -78,9 +83,16 @@ class AlignGuardConfig:
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"AlignGuardConfig.fisher must be 'true' or 'empirical', got {self.fisher!r}")
-        weights = (self.lambda_a, self.lambda_t, self.lambda_nc, self.beta, self.eps)
-        if min(self.k, self.rm_chunk) < 1 or not 0 <= self.alpha <= 1 or min(weights) < 0:
-            raise ValueError(f"AlignGuardConfig needs k, rm_chunk >= 1, 0 <= alpha <= 1, λ, β, ε >= 0: {self}")
+        for name in ("k", "rm_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AlignGuardConfig.{name} (--{name.replace('_', '-')}) must be at least 1, "
+                                 f"got {getattr(self, name)}")
+        for name in ("lambda_a", "lambda_t", "lambda_nc", "beta", "eps"):  # NaN fails every comparison
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"AlignGuardConfig.{name} (--{name.replace('_', '-')}) must be a finite number >= 0, "
+                                 f"got {getattr(self, name)}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"AlignGuardConfig.alpha (--alpha) must be in [0, 1], got {self.alpha}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,13 +553,18 @@ def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forwa
     an fp64 model) on the module's device: that is all the penalties need."""
     factors = kfac_factors(model, batches, kind, forward, generator, targets)
     named = dict(model.named_modules())
-    basis, short = {}, []
+    basis, short, whole = {}, [], []
     for n, (A_bar, G_bar, N) in factors.items():
         W = named[n].weight
         (U_g, g), (U_a, a) = eig_topk(G_bar, k), eig_topk(A_bar, k)
         basis[n] = FisherBasis(U_g, g, U_a, a, N, W.float().norm().item(), weight_probe(W)).to(W.device, _f32(W).dtype)
-        short += [f"{n} {what} {U.shape[1]}" for what, U, d in (("Ḡ", U_g, W.shape[0]), ("Ā", U_a, W.shape[1]))
-                  if U.shape[1] < min(k, d)]
+        sides = (("Ḡ", U_g, W.shape[0]), ("Ā", U_a, W.shape[1]))
+        short += [f"{n} {what} {U.shape[1]}" for what, U, d in sides if U.shape[1] < min(k, d)]
+        whole += [f"{n} {what} {d}" for what, U, d in sides if U.shape[1] == d]
+    if whole:
+        warnings.warn(f"{len(whole)} Fisher factors keep every direction of their side (k = {k} is at least "
+                      "its width), so the split ΔW_A = P_g ΔW P_a divides nothing on that side (P = I); a module "
+                      f"with both has ΔW_T = 0, only R_A applies: {', '.join(whole[:6])}{' ...' if len(whole) > 6 else ''}")
     if short:
         warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
                       f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"
@@ -556,10 +573,14 @@ def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forwa
 
 
 def _atomic_write(path, write):
-    """write(tmp) then os.replace: a crash leaves the old file or the new one, never half of one."""
+    """write(tmp) then os.replace: a crash leaves the old file or the new one, never half of one. The file
+    gets the mode the umask gives a new file (safetensors' save_file makes its files private, 0600)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1089,8 +1110,11 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         names.add(match[1])
     if not names:
         raise ValueError(f"{st_path}: holds no LoRA tensors")
-    cfg = LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
-                     rslora=bool(c.get("use_rslora")), targets=tuple(sorted({n.rpartition(".")[2] for n in names})))
+    try:
+        cfg = LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
+                         rslora=bool(c.get("use_rslora")), targets=tuple(sorted({n.rpartition(".")[2] for n in names})))
+    except (ValueError, TypeError) as e:  # r < 1, lora_alpha 0, a lora_dropout that is not a number in [0, 1)
+        raise ValueError(f"{cfg_path}: {e} (fields r, lora_alpha, lora_dropout)") from None
     mods = lora_modules(model)
     if mods:
         if any(m.merged for m in mods.values()) or any(not math.isclose(m.scaling, cfg.scaling) for m in mods.values()):
@@ -1100,8 +1124,8 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         named = dict(model.named_modules())
         not_linear = sorted(n for n in names if not isinstance(named.get(n), nn.Linear))
         if not_linear:
-            raise ValueError(f"{st_path}: {not_linear[:3]} {'is' if len(not_linear) == 1 else 'are'} not nn.Linear "
-                             f"modules of the model ({len(not_linear)} of {len(names)})")
+            what = "is not an nn.Linear module" if len(not_linear) == 1 else "are not nn.Linear modules"
+            raise ValueError(f"{st_path}: {not_linear[:3]} {what} of the model ({len(not_linear)} of {len(names)})")
         targets = {n: named[n] for n in sorted(names)}
     shapes = {}
     for n, m in targets.items():
@@ -1114,6 +1138,10 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     for key, shape in shapes.items():
         if tensors[key].shape != shape:
             raise ValueError(f"{st_path}: {key} has shape {list(tensors[key].shape)}, the model's {list(shape)}")
+    bad = [key for key in shapes if not torch.isfinite(tensors[key]).all()]
+    if bad:  # scored or trained on, it would give numbers that look like results
+        raise ValueError(f"{st_path}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} of {len(shapes)} "
+                         "tensors): the run that wrote it diverged or the file is damaged")
     if not mods:
         _adapt(model, targets, cfg)
         mods = lora_modules(model)

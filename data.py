@@ -75,6 +75,8 @@ def _read_json(path):
             obj = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -860,7 +862,7 @@ def driftcheck_prompts(n=10000, seed=0):
     DRIFTCHECK_LOOKALIKE_SHARE are risky-looking and the rest spread evenly over the topics.
     Rows alternate unsafe, safe, so any even-length prefix (eval --limit) is balanced."""
     if n < 2 or n % 2:
-        raise ValueError(f"DRIFTCHECK needs an even number of prompts (half safe, half unsafe), got {n}")
+        raise ValueError(f"DRIFTCHECK needs an even number of prompts, at least 2 (half safe, half unsafe), got {n}")
     rng = np.random.default_rng(seed)
     half = n // 2
     unsafe, safe = [], []

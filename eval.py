@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from alignguard import disable_lora, load_adapter, merged_lora, read_json_object, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
                   read_driftcheck, read_mc, read_prompts_csv, read_task)
-from model import checkpoint_digest, decode_layout, generate, load_model, logits_at
+from model import check_device, checkpoint_digest, decode_layout, generate, load_model, logits_at
 
 
 @dataclass
@@ -88,13 +88,16 @@ class EvalConfig:
             raise ValueError(f"--csv-label must be safe or unsafe, got {self.csv_label!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        check_device(self.device)
         for name in ("batch_size", "score_batch", "max_new_tokens", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.limit < 0:
-            raise ValueError(f"--limit must be 0 (all) or positive, got {self.limit}")
+        if self.limit < 0 or self.limit % 2:
+            raise ValueError(f"--limit must be 0 (all) or an even number (N/2 safe, N/2 unsafe), got {self.limit}")
         if self.sizes and len(self.sizes) != len(self.adapter):
             raise ValueError(f"--sizes gives {len(self.sizes)} values for {len(self.adapter)} --adapter")
+        if any(d < 1 for d in self.sizes):
+            raise ValueError(f"--sizes are task-set sizes D, each at least 1, got {' '.join(map(str, self.sizes))}")
 
 
 # ----------------------------------------------------------------------------- refusal detector
@@ -496,6 +499,11 @@ def fit_scaling(D, L, betas=None) -> dict:
 def load_eval_data(cfg: EvalConfig) -> dict:
     """The evaluation sets named in cfg, read and validated once for every model:
     {"driftcheck": rows or None, "task_dev": rows or None, "heldout": items or None, "align": pairs or None}."""
+    for name in ("driftcheck", "csv", "task_dev", "heldout", "align"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: {why}")
     rows = []
     if cfg.driftcheck:
         rows += read_driftcheck(cfg.driftcheck)
@@ -685,7 +693,8 @@ def run(cfg: EvalConfig, judge=None, toxicity=None) -> dict:
     md_path, json_path = report_paths(cfg.out)
     existing = [str(p) for p in (md_path, json_path) if p.exists()]
     if existing and not cfg.force:
-        raise ValueError(f"{', '.join(existing)} exist; refusing to overwrite (choose another --out or pass --force)")
+        raise ValueError(f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; refusing to overwrite "
+                         "(choose another --out or pass --force)")
     if not (cfg.driftcheck or cfg.csv or cfg.task_dev or cfg.heldout or cfg.align):
         raise ValueError("nothing to evaluate: give --driftcheck, --csv, --task-dev, --heldout or --align")
     adapters = [Path(a) for a in cfg.adapter]

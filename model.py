@@ -86,10 +86,10 @@ class ModelConfig:
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
-            raise ValueError(f"{file}: config.json not found (it must sit beside the checkpoint)")
+            raise ValueError(f"{file}: not found (a Hugging Face config.json must sit beside the checkpoint)")
         try:
-            hf = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
+            hf = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from None
 
         def refuse(key, value, why):
@@ -421,8 +421,8 @@ def resolve_checkpoint(path) -> tuple[Path, list[Path]]:
         raise ValueError(f"{path}: checkpoint not found")
     if path.name.endswith(".index.json"):
         try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a safetensors index (needs a 'weight_map' object): {e}") from None
         shards = [path.parent / f for f in dict.fromkeys(weight_map.values())]
         for shard in shards:
@@ -469,6 +469,13 @@ def _open_shard(shard: Path):
 IGNORED_KEY_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def check_device(device: str) -> str:
+    """A --device value: auto, cpu, cuda or cuda:N, what this code places models and autocasts on."""
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
 def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
     """Build the model from config.json beside the checkpoint and copy every tensor by name.
 
@@ -513,12 +520,21 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
     return model
 
 
+def normal_file_mode(path):
+    """Gives a written file the mode the umask gives a new one: mkstemp and safetensors' save_file make
+    their files private (0600), which other users and a serving process could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write(path: Path, write):
     """Write through a temporary file in the same directory, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        normal_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

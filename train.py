@@ -17,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -35,8 +36,8 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, dis
                         save_adapter, save_diag_fisher, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
-from model import (TOKENIZER_FILES, Llama, ModelConfig, checkpoint_digest, file_digest, init_weights, load_model,
-                   logits_at, present, resolve_checkpoint, save_model)
+from model import (TOKENIZER_FILES, Llama, ModelConfig, check_device, checkpoint_digest, file_digest, init_weights,
+                   load_model, logits_at, normal_file_mode, present, resolve_checkpoint, save_model)
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,8 +96,16 @@ class TrainConfig:
         for name in ("steps", "eval_every", "ckpt_every", "stop_after", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if not self.epochs > 0:
-            raise ValueError(f"--epochs must be more than 0, got {self.epochs}")
+        for name in ("epochs", "lr", "loss_scale"):  # isfinite refuses inf and NaN (which passes no comparison)
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number more than 0, "
+                                 f"got {getattr(self, name)}")
+        for name in ("min_lr", "weight_decay", "grad_clip", "lambda_l2", "lambda_ewc"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the cosine decays from --lr to --min-lr")
+        check_device(self.device)
         if self.merge and self.method == "full":
             raise ValueError("--merge merges a LoRA adapter; --method full writes the whole model to model/ already")
 
@@ -208,6 +217,11 @@ def example_order(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
+def is_fisher_cache(name: str) -> bool:
+    """Whether a file name is a Fisher cache's, fisher-<method>-<16 hex digits of its key>.safetensors (train)."""
+    return re.fullmatch(r"fisher-(alignguard|ewc)-[0-9a-f]{16}\.safetensors", name) is not None
+
+
 def atomic_dir(final: Path, write):
     """Fill a temporary sibling directory with `write(tmp)`, then swap it in for `final`. The old
     directory is removed only after the new one is complete, so a failure (a full disk, a kill)
@@ -300,6 +314,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler: LossScaler, 
 
     def write(tmp: Path):
         save_file(trainable, str(tmp / "trainable.safetensors"))
+        normal_file_mode(tmp / "trainable.safetensors")  # save_file makes it private (0600)
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "scaler": asdict(scaler), **extra}, indent=2))
 
@@ -370,11 +385,19 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     for flag, path in (("--out", out), ("--fisher-cache", Path(cfg.fisher_cache) if cfg.fisher_cache else None)):
         if path is not None and path.exists() and not path.is_dir():
             raise ValueError(f"{flag} {path}: is a file, not a directory")
-    if master and not cfg.resume and out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: output directory exists and is not empty; choose another --out, "
+    # Fisher caches alone (a run that stopped before its first checkpoint) do not make --out a run: they are
+    # keyed by everything they depend on, so a new run reuses the one it matches and writes no other's name
+    held = [p.name for p in out.iterdir() if not is_fisher_cache(p.name)] if out.is_dir() else []
+    if master and not cfg.resume and held:
+        raise ValueError(f"{out}: output directory exists and holds {', '.join(sorted(held)[:4])}"
+                         f"{' ...' if len(held) > 4 else ''}; choose another --out, "
                          f"or pass --resume to continue the run it holds")
 
     # --- data: tokenised once, a fixed ordered held-out set for the eval loss
+    for flag, path in (("--task", cfg.task), ("--eval-task", cfg.eval_task)):
+        if path and not Path(path).is_file():
+            why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
+            raise FileNotFoundError(f"{flag} {path}: {why}")
     tok = load_tokenizer(cfg.ckpt if not cfg.init else Path(cfg.init).parent, cfg.chat_format)
 
     def encode(pairs, name):  # (input_ids, labels) rows; truncation is reported on stderr
@@ -433,7 +456,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         cache_dir = Path(cfg.fisher_cache) if cfg.fisher_cache else out
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = cache_dir / f"fisher-{cfg.method}-{key}.safetensors"
+        cache = cache_dir / f"fisher-{cfg.method}-{key}.safetensors"  # is_fisher_cache knows the name
         t0 = time.time()
         # lm_head only at the response tokens, unless it is itself adapted (its hooks expect (B, T, C) inputs)
         fisher_forward = None if "lm_head" in lora.targets else labelled_logits
@@ -514,7 +537,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             metrics_file.write_text("".join(l + "\n" for l in lines))
     if master:
         print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(task)} task rows, "
-              f"{total_steps} steps of {per_step} rows, {world} process(es), {device}, {cfg.dtype}", file=sys.stderr)
+              f"{total_steps} step{'s' if total_steps != 1 else ''} of {per_step} rows, {world} process(es), {device}, {cfg.dtype}", file=sys.stderr)
 
     # --- the loop
     model.train()

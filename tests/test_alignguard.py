@@ -367,6 +367,10 @@ def test_a_rank_deficient_fisher_leaves_its_null_space_to_the_trust_region():
     batch = {"input_ids": ids, "labels": torch.tensor([[-100, 2, 1, 2, 1, 2]])}
     with pytest.warns(UserWarning, match=r"fewer than k = 4 eigenvalues .*up Ā 2"):
         basis = estimate_fisher(base, [batch], k=4, kind="empirical", targets=("up",))
+    # full-rank factors (tiny_batches' 11 tokens) and k above their width: the basis is the whole space
+    with pytest.warns(UserWarning, match=r"2 Fisher factors keep every direction of their side \(k = 50 .*: up Ḡ \d+, up Ā 6"):
+        whole = estimate_fisher(base, tiny_batches(), k=50, kind="empirical", targets=("up",))["up"]
+    assert whole.U_a.shape == (6, 6)
     fb = basis["up"]
     assert fb.U_a.shape == (6, 2) and fb.U_g.shape[1] <= 4
     x = base.emb.weight[[1, 2]].detach()  # (2, 6): the only inputs up_proj saw
@@ -1062,6 +1066,28 @@ def test_load_adapter_refuses_what_peft_would_compute_differently(tmp_path, fiel
     assert not lora_modules(base)
 
 
+def test_load_adapter_refuses_a_bad_rank_or_non_finite_weights_naming_the_file(tmp_path):
+    """r = -2 in adapter_config.json, or a NaN in a lora_A: ValueError naming the file (and the tensor), the model
+    as it was (a NaN adapter would be scored, or trained on, as if it were a result)."""
+    model, base = mlp(), mlp()
+    cfg = LoRAConfig(r=4, alpha=8.0, targets=("q_proj",))
+    add_lora(model, cfg)
+    save_adapter(model, tmp_path / "a", "base", cfg)
+    c = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**c, "r": -2}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: LoRAConfig.r \(--lora-r\) must be at least 1, got -2"):
+        load_adapter(base, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(c))
+    st = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(st))
+    tensors["base_model.model.q_proj.lora_A.weight"][0, 1] = float("nan")
+    save_file(tensors, str(st))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor base_model.model.q_proj.lora_A.weight "
+                                         r"holds NaN or infinite values \(1 of 2 tensors\)"):
+        load_adapter(base, tmp_path / "a")
+    assert not lora_modules(base)
+
+
 def test_load_adapter_names_the_file_of_an_unreadable_adapter(tmp_path):
     """A config that is not JSON, or not an object, and weights cut short: ValueError naming the file, the model as
     it was (they were json's error without a path, an AttributeError and a SafetensorError)."""
@@ -1113,7 +1139,7 @@ def test_load_adapter_adapts_exactly_the_modules_it_holds_and_changes_nothing_on
     assert not lora_modules(fresh) and all(p.requires_grad for p in fresh.parameters())  # as it was
     save_file({"base_model.model.a.act.lora_A.weight": torch.zeros(2, 8),
                "base_model.model.a.act.lora_B.weight": torch.zeros(8, 2)}, str(out / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"\['a.act'\] is not nn.Linear"):
+    with pytest.raises(ValueError, match=r"\['a.act'\] is not an nn.Linear module"):
         load_adapter(fresh, out)
     save_file({}, str(out / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="holds no LoRA tensors"):

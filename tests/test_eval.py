@@ -578,6 +578,13 @@ def test_load_eval_data_reads_csv_prompt_sets(tmp_path):
         ev.load_eval_data(ev.EvalConfig(csv=str(tmp_path / "harmful.csv")))
     with pytest.raises(ValueError, match="--sizes gives 1 values for 0 --adapter"):
         ev.EvalConfig(sizes=(100,))
+    with pytest.raises(ValueError, match="--sizes are task-set sizes D, each at least 1, got 100 -5"):
+        ev.EvalConfig(sizes=(100, -5), adapter=("a", "b"))
+    with pytest.raises(ValueError, match=r"--limit must be 0 \(all\) or an even number .*got 3"):
+        ev.EvalConfig(limit=3)
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        ev.EvalConfig(device="tpu")
+    assert ev.EvalConfig(device="cuda:1").device == "cuda:1"
 
 
 def test_adapter_mismatches_names_another_base_or_chat_format(tiny_ckpt, tmp_path):

@@ -369,7 +369,7 @@ def saved(tmp_path):
 
 def test_missing_config(saved):
     (saved / "config.json").unlink()
-    with pytest.raises(ValueError, match="config.json not found"):
+    with pytest.raises(ValueError, match=r"config.json: not found \(a Hugging Face config.json"):
         load_model(saved)
 
 

@@ -316,14 +316,30 @@ def test_check_resume_compares_every_field_of_both_records(tmp_path):
     (["--fisher-batch", "0"], "--fisher-batch must be at least 1"),
     (["--n-align", "0"], "--n-align must be at least 1"),
     (["--steps", "-3"], "--steps must be 0 or more, got -3"),
-    (["--epochs", "0"], "--epochs must be more than 0"),
+    (["--epochs", "0"], "--epochs must be a finite number more than 0"),
+    (["--epochs", "inf"], "--epochs must be a finite number more than 0, got inf"),
+    (["--lr", "-1"], "--lr must be a finite number more than 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number more than 0, got nan"),
+    (["--min-lr", "1", "--lr", "1e-4"], "--min-lr 1.0 is above --lr 0.0001"),
+    (["--weight-decay", "-5"], "--weight-decay must be a finite number >= 0"),
+    (["--loss-scale", "0"], "--loss-scale must be a finite number more than 0"),
+    (["--lambda-l2", "-1", "--method", "l2"], "--lambda-l2 must be a finite number >= 0"),
+    (["--lambda-ewc", "-1", "--method", "ewc"], "--lambda-ewc must be a finite number >= 0"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--eval-task", "NOFILE"], "--eval-task .*nofile: no such file"),
+    (["--lambda-a", "nan"], r"AlignGuardConfig.lambda_a \(--lambda-a\) must be a finite number >= 0, got nan"),
+    (["--alpha", "2"], r"AlignGuardConfig.alpha \(--alpha\) must be in \[0, 1\], got 2.0"),
+    (["--k", "0"], r"AlignGuardConfig.k \(--k\) must be at least 1"),
+    (["--lora-r", "0"], r"LoRAConfig.r \(--lora-r\) must be at least 1, got 0"),
+    (["--lora-alpha", "0"], r"LoRAConfig.alpha \(--lora-alpha\) must be a finite number other than 0"),
     (["--merge", "--method", "full"], "--merge merges a LoRA adapter"),
     (["--out", "FILE"], "is a file, not a directory"),
     (["--fisher-cache", "FILE"], "--fisher-cache .* is a file, not a directory"),
 ])
 def test_bad_options_are_named(tiny_ckpt, task_file, align_file, tmp_path, capsys, option, message):
     (tmp_path / "file").write_text("mine")
-    option = [str(tmp_path / "file") if o == "FILE" else o for o in option]
+    option = [str(tmp_path / "file") if o == "FILE" else str(tmp_path / "nofile") if o == "NOFILE" else o
+              for o in option]
     with pytest.raises(SystemExit):
         run(tiny_ckpt, task_file, align_file, tmp_path / "o", *option)
     err = capsys.readouterr().err
@@ -426,6 +442,44 @@ def test_existing_output_directory_is_refused(tiny_ckpt, task_file, align_file, 
     with pytest.raises(SystemExit):
         run(tiny_ckpt, task_file, align_file, out, "--steps", "1")
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_can_be_rerun_in_its_out(tiny_ckpt, task_file, align_file,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """A run that fails at step 0 leaves only its Fisher cache in --out: the same command, fixed, runs there and
+    reuses the cache; anything else in --out still refuses it."""
+    real = train.batch_loss_sum
+    monkeypatch.setattr(train, "batch_loss_sum", lambda *args: real(*args) * float("nan"))
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "2")
+    cache = list((tmp_path / "o").iterdir())
+    assert len(cache) == 1 and train.is_fisher_cache(cache[0].name), cache
+    monkeypatch.setattr(train, "batch_loss_sum", real)
+    monkeypatch.setattr(train, "estimate_fisher", lambda *a, **kw: pytest.fail("the cached Fisher was not reused"))
+    capsys.readouterr()
+    run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "2")
+    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
+    (tmp_path / "p").mkdir()
+    for name in (cache[0].name, "fisher-alignguard-notahexkey00000.safetensors"):
+        (tmp_path / "p" / name).write_bytes(b"mine")
+    with pytest.raises(SystemExit):
+        run(tiny_ckpt, task_file, align_file, tmp_path / "p", "--steps", "2")
+    assert "holds fisher-alignguard-notahexkey00000.safetensors; choose another --out" in capsys.readouterr().err
+    assert all(f.read_bytes() == b"mine" for f in (tmp_path / "p").iterdir())
+
+
+def test_written_files_get_the_umask_mode(tiny_ckpt, task_file, align_file, tmp_path):
+    """safetensors' save_file and mkstemp make private (0600) files: the adapter, the Fisher cache, the
+    checkpoint and merged/ get the mode a new file gets under the umask instead."""
+    umask = os.umask(0o022)
+    try:
+        run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "1", "--merge")
+    finally:
+        os.umask(umask)
+    files = [f for f in (tmp_path / "o").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files) and len(files) > 8
+    modes = {str(f.relative_to(tmp_path / "o")): oct(f.stat().st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
