@@ -40,6 +40,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -706,6 +707,11 @@ def run(cfg: EvalConfig, judge=None, toxicity=None) -> dict:
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[cfg.dtype]
     tok = load_tokenizer(cfg.ckpt, cfg.chat_format)
     data = load_eval_data(cfg)
+    try:  # the report's folder takes a file now, not after minutes of scoring (only then is the report written)
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=md_path.parent).close()
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: cannot write a report in {md_path.parent} ({e.strerror})") from None
     model = load_model(cfg.ckpt, device=device, dtype=dtype)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     names = [a.parent.name if a.name == "adapter" else a.name for a in adapters]
@@ -758,7 +764,8 @@ def parse_args(argv=None) -> EvalConfig:
     for f in fields(EvalConfig):
         flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{h} (default: {'on' if f.default else 'off'})")
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, action="append", default=None, help=h,
                                 type=int if f.name == "sizes" else str)

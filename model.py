@@ -67,7 +67,8 @@ class ModelConfig:
         for key in sizes:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"field {key!r} = {v!r}: expected a positive integer")
+                raise ValueError(f"field {key!r} is missing (or null)" if v is None else
+                                 f"field {key!r} = {v!r}: expected a positive integer")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"field 'hidden_size' = {self.hidden_size} is not a multiple of "

@@ -20,6 +20,7 @@ import pickle
 import re
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,7 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class TrainConfig:
     ckpt: str = "data/demo"        # checkpoint: .safetensors file, directory or sharded index.json
-    task: str = "data/sst2.jsonl"  # task jsonl: {"prompt","response"} or SST-2 {"sentence","label"}
+    task: str = "data/sst2.jsonl"  # task jsonl: {"prompt","response"}, SST-2 {"sentence","label"} or {"text"}
     align: str = "data/align.jsonl"  # alignment jsonl {"prompt","response"} for the Fisher (alignguard, ewc)
     eval_task: str = ""            # held-out task jsonl for the eval loss; "" holds out --eval-size rows of --task
     out: str = "runs/train"        # output directory; an existing one is refused unless --resume
@@ -347,7 +348,8 @@ def load_checkpoint(out: Path, model, optimizer, scaler: LossScaler) -> dict:
         for n, p in params.items():
             p.copy_(tensors[n])
     try:
-        blob = torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False)  # to each param's device below
+        # tensors and plain values only, so loading runs no code from the file; to each param's device below
+        blob = torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"{ck / 'optimizer.pt'}: not a readable optimizer state ({e})") from None
     optimizer.load_state_dict(blob["optimizer"])
@@ -432,6 +434,13 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         check_resume(ck, read_json_object(ck / "state.json").get("run"), json.loads(json.dumps(run)))
     per_step = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step, all processes
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(task) / per_step))
+    if master and cfg.warmup > total_steps:
+        steps = f"{total_steps} step{'s' if total_steps != 1 else ''}"
+        print(f"note: --warmup {cfg.warmup} is longer than the run's {steps}: the learning rate never reaches "
+              f"--lr {cfg.lr:g}", file=sys.stderr)
+    if master and dtype == torch.float16 and device_type == "cpu":
+        print("note: --dtype fp16 on a CPU runs without fast kernels (a Fisher took 20x its fp32 time here); "
+              "bf16 or fp32 are faster", file=sys.stderr)
 
     # --- model: frozen base weights in the compute dtype, trainable weights in fp32
     base_dtype = dtype if cfg.method != "full" and not cfg.init else torch.float32
@@ -713,7 +722,7 @@ def add_dataclass_args(parser, cls, prefix=""):
         default, h = f.default, helps.get(f.name, "")
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=prefix + f.name,
-                               help=h)
+                               help=f"{h} (default: {'on' if default else 'off'})")
         elif isinstance(default, (tuple, list)):
             group.add_argument(flag, nargs="+", default=list(default), dest=prefix + f.name,
                                help=f"{h} (default: {' '.join(map(str, default))})")
@@ -723,8 +732,13 @@ def add_dataclass_args(parser, cls, prefix=""):
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, LoRAConfig, AlignGuardConfig]:
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_TRAIN.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=textwrap.fill(f"With no options at all, train.py runs the demo instead "
+                                                          f"({demo}; LoRA and AlignGuard-LoRA into runs/demo-<time>, "
+                                                          "then the DRIFTCHECK report): the defaults above are "
+                                                          "those of a run of your own.", 79))
     add_dataclass_args(parser, TrainConfig)
     add_dataclass_args(parser, LoRAConfig, prefix="lora_")
     add_dataclass_args(parser, AlignGuardConfig)

@@ -500,6 +500,21 @@ def test_help_lists_every_option(capsys):
     assert all("--" + f.name.replace("_", "-") in text for f in fields(ev.EvalConfig))
 
 
+def test_an_out_that_cannot_take_a_file_is_refused_before_scoring(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """--out under a file (or anywhere a file cannot be made) is named before the model is loaded and scored,
+    not after; a missing input file is named by its flag."""
+    dc = write_jsonl(tmp_path / "dc.jsonl", driftcheck_rows())
+    (tmp_path / "file").write_text("mine")
+    monkeypatch.setattr(ev, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", str(tiny_ckpt), "--driftcheck", str(dc), "--out", str(tmp_path / "file" / "report")])
+    assert f"error: --out {tmp_path / 'file' / 'report'}: cannot write a report in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", str(tiny_ckpt), "--driftcheck", str(tmp_path / "none.jsonl")])
+    assert f"error: --driftcheck {tmp_path / 'none.jsonl'}: no such file" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_cli_writes_the_report_and_refuses_to_overwrite(tiny_ckpt, align_file, tmp_path, capsys):
     dc = write_jsonl(tmp_path / "dc.jsonl", driftcheck_rows())
     mc = write_jsonl(tmp_path / "dev.jsonl", [{"sentence": s, "label": i % 2} for i, s in enumerate(SENTIMENT)])

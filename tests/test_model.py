@@ -423,6 +423,7 @@ def test_bad_tensors_are_named(saved, change, message):
     ("head_dim", 7, "'head_dim' = 7 is odd"),
     ("num_key_value_heads", 0, "'num_key_value_heads' = 0: expected a positive integer"),
     ("hidden_size", 0, "'hidden_size' = 0: expected a positive integer"),
+    ("hidden_size", None, r"'hidden_size' is missing \(or null\)"),
 ])
 def test_unsupported_config_is_refused(saved, field, value, message):
     cfg = json.loads((saved / "config.json").read_text())

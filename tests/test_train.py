@@ -468,9 +468,10 @@ def test_a_run_that_stopped_before_its_first_checkpoint_can_be_rerun_in_its_out(
     assert all(f.read_bytes() == b"mine" for f in (tmp_path / "p").iterdir())
 
 
-def test_written_files_get_the_umask_mode(tiny_ckpt, task_file, align_file, tmp_path):
+def test_written_files_get_the_umask_mode(tiny_ckpt, task_file, align_file, tmp_path, capsys):
     """safetensors' save_file and mkstemp make private (0600) files: the adapter, the Fisher cache, the
-    checkpoint and merged/ get the mode a new file gets under the umask instead."""
+    checkpoint and merged/ get the mode a new file gets under the umask instead. (A warmup of 2 steps in a run
+    of 1 gets a note.)"""
     umask = os.umask(0o022)
     try:
         run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "1", "--merge")
@@ -480,6 +481,7 @@ def test_written_files_get_the_umask_mode(tiny_ckpt, task_file, align_file, tmp_
     assert any(f.suffix == ".safetensors" for f in files) and len(files) > 8
     modes = {str(f.relative_to(tmp_path / "o")): oct(f.stat().st_mode & 0o777) for f in files}
     assert set(modes.values()) == {"0o644"}, modes
+    assert "note: --warmup 2 is longer than the run's 1 step: the learning rate never reaches --lr 0.01" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
