@@ -425,6 +425,9 @@ def read_task(path):
             pairs.append((sst2_prompt(_text(path, n, row, "sentence")), SST2_CHOICES[label]))
         elif "prompt" not in row and "text" in row:
             pairs.append((None, _text(path, n, row, "text")))
+        elif "prompt" not in row:
+            raise ValueError(f"{path}, line {n}: a row needs 'prompt' and 'response', 'sentence' and 'label', or "
+                             f"'text' (fields: {', '.join(row) or 'none'})")
         else:
             pairs.append((_text(path, n, row, "prompt"), _text(path, n, row, "response")))
     return pairs

@@ -512,6 +512,9 @@ def load_eval_data(cfg: EvalConfig) -> dict:
         label_column = cfg.csv_label_column or None
         rows += read_prompts_csv(cfg.csv, column=cfg.csv_column, label=None if label_column else cfg.csv_label,
                                  label_column=label_column, category_column=cfg.csv_category_column or None)
+    if cfg.limit > len(rows) > 0:
+        print(f"note: --limit {cfg.limit} is more than the {len(rows)} prompts given: scoring all of them",
+              file=sys.stderr)
     return {"driftcheck": balanced_subset(rows, cfg.limit) if rows else None,
             "task_dev": read_mc(cfg.task_dev) if cfg.task_dev else None,
             "heldout": read_heldout(cfg.heldout) if cfg.heldout else None,
@@ -701,7 +704,8 @@ def run(cfg: EvalConfig, judge=None, toxicity=None) -> dict:
     adapters = [Path(a) for a in cfg.adapter]
     for a in adapters:
         if not (a / "adapter_config.json").is_file():
-            raise ValueError(f"{a}: not an adapter directory (no adapter_config.json)")
+            hint = f"; did you mean {a / 'adapter'}?" if (a / "adapter" / "adapter_config.json").is_file() else ""
+            raise ValueError(f"{a}: not an adapter directory (no adapter_config.json){hint}")
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[cfg.dtype]

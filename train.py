@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
                          f"or pass --resume to continue the run it holds")
 
     # --- data: tokenised once, a fixed ordered held-out set for the eval loss
-    for flag, path in (("--task", cfg.task), ("--eval-task", cfg.eval_task)):
+    for flag, path in (("--task", cfg.task), ("--eval-task", cfg.eval_task), ("--init", cfg.init)):
         if path and not Path(path).is_file():
             why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
             raise FileNotFoundError(f"{flag} {path}: {why}")

@@ -337,7 +337,8 @@ BAD_JSONL = [  # (reader, file content, text the error must contain besides the 
     (data.read_task, '{"sentence": "s", "label": 2}\n', "line 1, field 'label': expected 0 or 1"),
     (data.read_task, '{"sentence": "s", "label": -1}\n', "test split has no labels"),
     (data.read_task, '{"sentence": "s", "label": true}\n', "line 1, field 'label'"),
-    (data.read_task, '{"response": "s"}\n', "line 1: missing field 'prompt'"),
+    (data.read_task, '{"response": "s"}\n', "line 1: a row needs 'prompt' and 'response', 'sentence' and 'label', "
+                                            "or 'text' (fields: response)"),
     (data.read_task, '{"sentence": "s", "label": 1.0}\n', "line 1, field 'label': expected 0 or 1, got 1.0"),  # was a TypeError
     (data.read_mc, '{"sentence": "s", "label": 0.0}\n', "line 1, field 'label': expected 0 or 1, got 0.0"),
     (data.read_task, '{"prompt": "a\\ud800b", "response": "r"}\n',  # a lone surrogate: the tokenizer's TypeError before

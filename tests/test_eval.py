@@ -502,7 +502,7 @@ def test_help_lists_every_option(capsys):
 
 def test_an_out_that_cannot_take_a_file_is_refused_before_scoring(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """--out under a file (or anywhere a file cannot be made) is named before the model is loaded and scored,
-    not after; a missing input file is named by its flag."""
+    not after; a missing input file is named by its flag; a run's folder given as --adapter gets a hint."""
     dc = write_jsonl(tmp_path / "dc.jsonl", driftcheck_rows())
     (tmp_path / "file").write_text("mine")
     monkeypatch.setattr(ev, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
@@ -512,6 +512,11 @@ def test_an_out_that_cannot_take_a_file_is_refused_before_scoring(tiny_ckpt, tmp
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", str(tiny_ckpt), "--driftcheck", str(tmp_path / "none.jsonl")])
     assert f"error: --driftcheck {tmp_path / 'none.jsonl'}: no such file" in capsys.readouterr().err
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit):  # a run's folder given for its adapter
+        ev.main(["--ckpt", str(tiny_ckpt), "--driftcheck", str(dc), "--adapter", str(tmp_path / "run")])
+    assert f"did you mean {tmp_path / 'run' / 'adapter'}?" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "mine"
 
 

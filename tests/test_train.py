@@ -327,6 +327,7 @@ def test_check_resume_compares_every_field_of_both_records(tmp_path):
     (["--lambda-ewc", "-1", "--method", "ewc"], "--lambda-ewc must be a finite number >= 0"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--eval-task", "NOFILE"], "--eval-task .*nofile: no such file"),
+    (["--init", "NOFILE", "--method", "full"], "--init .*nofile: no such file"),
     (["--lambda-a", "nan"], r"AlignGuardConfig.lambda_a \(--lambda-a\) must be a finite number >= 0, got nan"),
     (["--alpha", "2"], r"AlignGuardConfig.alpha \(--alpha\) must be in \[0, 1\], got 2.0"),
     (["--k", "0"], r"AlignGuardConfig.k \(--k\) must be at least 1"),
