@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import alignguard
 from alignguard import (AlignGuardConfig, FisherBasis, LoRAConfig, _categorical, _inverse_cdf, add_lora, delta_weight,
@@ -834,35 +835,36 @@ def test_saved_for_backward_does_not_grow_with_modules_beyond_factored_terms():
     assert growth < dense / 10, f"saved-for-backward grew by {growth} bytes for 6 modules; one ΔW each is {dense}"
 
 
+class OutputSizes(TorchDispatchMode):
+    """While active: the entries of the largest tensor any op returns, and the entries all ops return."""
+    def __init__(self):
+        super().__init__()
+        self.largest = self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest, self.total = max(self.largest, t.numel()), self.total + t.numel()
+        return out
+
+
 def test_factored_terms_cost_grows_linearly_in_width_and_e_rm_quadratically():
     """Issue 7: the overhead must stay linear in d, not d², except for E_rm. Counted, not timed: the matmul FLOPs
     (torch's FlopCounterMode) and the largest tensor any op makes, forward and backward, of the terms of a stack
     of two d x d modules (r 8, k 32), through penalties() as training calls it, once with E_rm replaced by zero and
     once with it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    self.numel = max(self.numel, t.numel())
-            return out
 
     def cost(d, rm_fn):
         alignguard.release_rm_buffers()  # E_rm's kept buffer is then allocated inside the count, whatever ran before
         model, basis = lora_stack([(d, d)] * 2, r=8, k=32)
-        largest = Largest()
-        with pytest.MonkeyPatch.context() as mp, FlopCounterMode(display=False) as flops, largest:
+        sizes = OutputSizes()
+        with pytest.MonkeyPatch.context() as mp, FlopCounterMode(display=False) as flops, sizes:
             mp.setattr(alignguard, "e_rm_value_and_grads", rm_fn)  # penalties looks it up when it runs
             penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.5))[0].backward()
         assert all(p.grad is not None for p in lora_parameters(model))  # the backward reached the factors
-        return flops.get_total_flops(), largest.numel
+        return flops.get_total_flops(), sizes.largest
 
     def no_rm(A, B, *args, **kw):
         return A.new_zeros(A.shape[:-2]), torch.zeros_like(A), torch.zeros_like(B)
@@ -883,26 +885,12 @@ def test_e_rm_in_chunks_gives_the_same_gradients_and_backward_work_linear_in_the
     same value and LoRA gradients, and the entries that backward's ops write grow linearly with the number
     of modules L (attaching each chunk's gradient to its slice of the stack would make backward add a
     zero-filled gradient of the whole stack per chunk: L² entries)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Written(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.numel += sum(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
-                              if isinstance(t, torch.Tensor))
-            return out
-
     def run(L, rm_chunk):
         model, basis = lora_stack([(16, 24)] * L, r=4, k=4)
         total, _ = penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=1.0, rm_chunk=rm_chunk))
-        written = Written()
-        with written:
+        with OutputSizes() as written:
             total.backward()
-        return total.detach(), [p.grad for p in lora_parameters(model)], written.numel
+        return total.detach(), [p.grad for p in lora_parameters(model)], written.total
 
     whole, chunked = run(8, 2**21), run(8, 16 * 24)
     torch.testing.assert_close(chunked[0], whole[0])
