@@ -564,7 +564,8 @@ def estimate_fisher(model: nn.Module, batches, k: int, kind: str = "true", forwa
     if whole:
         warnings.warn(f"{len(whole)} Fisher factors keep every direction of their side (k = {k} is at least "
                       "its width), so the split ΔW_A = P_g ΔW P_a divides nothing on that side (P = I); a module "
-                      f"with both has ΔW_T = 0, only R_A applies: {', '.join(whole[:6])}{' ...' if len(whole) > 6 else ''}")
+                      f"with both has ΔW_T = 0, only R_A applies: {', '.join(whole[:6])}"
+                      f"{' ...' if len(whole) > 6 else ''}")
     if short:
         warnings.warn(f"{len(short)} Fisher factors have fewer than k = {k} eigenvalues above {EIG_RTOL:g}·λ_max, so "
                       f"their bases keep fewer directions (more alignment tokens would fill them): {', '.join(short[:6])}"

@@ -434,9 +434,9 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         check_resume(ck, read_json_object(ck / "state.json").get("run"), json.loads(json.dumps(run)))
     per_step = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step, all processes
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(task) / per_step))
+    steps_text = f"{total_steps} step{'s' if total_steps != 1 else ''}"
     if master and cfg.warmup > total_steps:
-        steps = f"{total_steps} step{'s' if total_steps != 1 else ''}"
-        print(f"note: --warmup {cfg.warmup} is longer than the run's {steps}: the learning rate never reaches "
+        print(f"note: --warmup {cfg.warmup} is longer than the run's {steps_text}: the learning rate never reaches "
               f"--lr {cfg.lr:g}", file=sys.stderr)
     if master and dtype == torch.float16 and device_type == "cpu":
         print("note: --dtype fp16 on a CPU runs without fast kernels (a Fisher took 20x its fp32 time here); "
@@ -546,7 +546,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             metrics_file.write_text("".join(l + "\n" for l in lines))
     if master:
         print(f"{cfg.method}: {n_trainable:,} trainable parameters, {len(task)} task rows, "
-              f"{total_steps} step{'s' if total_steps != 1 else ''} of {per_step} rows, {world} process(es), {device}, {cfg.dtype}", file=sys.stderr)
+              f"{steps_text} of {per_step} rows, {world} process(es), {device}, {cfg.dtype}", file=sys.stderr)
 
     # --- the loop
     model.train()
