@@ -1111,11 +1111,15 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         names.add(match[1])
     if not names:
         raise ValueError(f"{st_path}: holds no LoRA tensors")
-    try:
-        cfg = LoRAConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
-                         rslora=bool(c.get("use_rslora")), targets=tuple(sorted({n.rpartition(".")[2] for n in names})))
-    except (ValueError, TypeError) as e:  # r < 1, lora_alpha 0, a lora_dropout that is not a number in [0, 1)
-        raise ValueError(f"{cfg_path}: {e} (fields r, lora_alpha, lora_dropout)") from None
+    r, alpha, dropout = c["r"], c["lora_alpha"], c.get("lora_dropout") or 0.0
+    checks = (("r", float(r).is_integer() and r >= 1, "an integer >= 1"),  # inf and NaN are not integers
+              ("lora_alpha", math.isfinite(alpha) and alpha != 0, "a finite number other than 0"),
+              ("lora_dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a number in [0, 1)"))
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{cfg_path}: field {key!r} = {c.get(key)!r}: expected {want}")
+    cfg = LoRAConfig(r=int(r), alpha=float(alpha), dropout=float(dropout),
+                     rslora=bool(c.get("use_rslora")), targets=tuple(sorted({n.rpartition(".")[2] for n in names})))
     mods = lora_modules(model)
     if mods:
         if any(m.merged for m in mods.values()) or any(not math.isclose(m.scaling, cfg.scaling) for m in mods.values()):

@@ -1040,6 +1040,10 @@ def test_lora_config_needs_targets():
     ("bias", "all", "'bias' = 'all' is not supported"),
     ("peft_type", "IA3", "'peft_type' = 'IA3': only 'LORA'"),
     ("r", None, "'r' is missing or not a number"),
+    ("r", 2.5, "'r' = 2.5: expected an integer >= 1"),
+    ("r", float("inf"), "'r' = inf: expected an integer >= 1"),
+    ("lora_alpha", 0, "'lora_alpha' = 0: expected a finite number other than 0"),
+    ("lora_dropout", 1.5, "'lora_dropout' = 1.5: expected a number in"),
 ])
 def test_load_adapter_refuses_what_peft_would_compute_differently(tmp_path, field, value, message):
     model, base = mlp(), mlp()
@@ -1063,7 +1067,7 @@ def test_load_adapter_refuses_a_bad_rank_or_non_finite_weights_naming_the_file(t
     save_adapter(model, tmp_path / "a", "base", cfg)
     c = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**c, "r": -2}))
-    with pytest.raises(ValueError, match=r"adapter_config.json: LoRAConfig.r \(--lora-r\) must be at least 1, got -2"):
+    with pytest.raises(ValueError, match=r"adapter_config.json: field 'r' = -2: expected an integer >= 1"):
         load_adapter(base, tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(c))
     st = tmp_path / "a" / "adapter_model.safetensors"
