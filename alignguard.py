@@ -78,7 +78,7 @@ class AlignGuardConfig:
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
     rm_chunk: int = 2**21  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers: 40 MiB, kept on a CPU); README: Performance
-    compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~50 s of compiling, then 15-20% less penalty time on CPU
+    compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~50 s of compiling, then 15-22% less penalty time on CPU
 
     def __post_init__(self):
         if self.fisher not in ("true", "empirical"):
@@ -1111,14 +1111,24 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
         names.add(match[1])
     if not names:
         raise ValueError(f"{st_path}: holds no LoRA tensors")
-    r, alpha, dropout = c["r"], c["lora_alpha"], c.get("lora_dropout") or 0.0
-    checks = (("r", float(r).is_integer() and r >= 1, "an integer >= 1"),  # inf and NaN are not integers
+
+    def number(key, default=None):  # NaN for what is not a number, refused below
+        v = default if c.get(key) is None else c[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return math.nan
+        try:
+            return float(v)
+        except OverflowError:  # JSON's integers have no size limit (and 1e400 reads as inf)
+            raise ValueError(f"{cfg_path}: field {key!r} is a number too large for a float") from None
+
+    r, alpha, dropout = number("r"), number("lora_alpha"), number("lora_dropout", 0.0)
+    checks = (("r", r.is_integer() and r >= 1, "an integer >= 1"),  # inf and NaN are not integers
               ("lora_alpha", math.isfinite(alpha) and alpha != 0, "a finite number other than 0"),
-              ("lora_dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a number in [0, 1)"))
+              ("lora_dropout", 0 <= dropout < 1, "a number in [0, 1)"))
     for key, ok, want in checks:
         if not ok:
             raise ValueError(f"{cfg_path}: field {key!r} = {c.get(key)!r}: expected {want}")
-    cfg = LoRAConfig(r=int(r), alpha=float(alpha), dropout=float(dropout),
+    cfg = LoRAConfig(r=int(r), alpha=alpha, dropout=dropout,
                      rslora=bool(c.get("use_rslora")), targets=tuple(sorted({n.rpartition(".")[2] for n in names})))
     mods = lora_modules(model)
     if mods:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from alignguard import disable_lora, load_adapter, merged_lora, read_json_object, remove_lora
 from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
                   read_driftcheck, read_mc, read_prompts_csv, read_task)
-from model import check_device, checkpoint_digest, decode_layout, generate, load_model, logits_at
+from model import check_cuda, check_device, checkpoint_digest, decode_layout, generate, load_model, logits_at
 
 
 @dataclass
@@ -67,7 +67,7 @@ class EvalConfig:
     csv_label: str = "unsafe"      # --csv: label of every row (safe | unsafe) when --csv-label-column is empty
     csv_label_column: str = ""     # --csv: column holding each row's label instead
     csv_category_column: str = ""  # --csv: column holding the category; default: the file's name
-    limit: int = 0                 # score a balanced subset of N prompts (N/2 safe, N/2 unsafe); 0: all
+    limit: int = 0                 # score a balanced subset of N prompts (N/2 safe, N/2 unsafe; odd N: one more safe); 0: all
     task_dev: str = ""             # multiple-choice jsonl {"prompt","choices","answer"} or SST-2 {"sentence","label"}
     heldout: str = ""              # held-out general text jsonl {"text"} or {"prompt","response"} (forgetting)
     align: str = ""                # held-out alignment jsonl {"prompt","response"} for the alignment KL
@@ -93,8 +93,8 @@ class EvalConfig:
         for name in ("batch_size", "score_batch", "max_new_tokens", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.limit < 0 or self.limit % 2:
-            raise ValueError(f"--limit must be 0 (all) or an even number (N/2 safe, N/2 unsafe), got {self.limit}")
+        if self.limit < 0:
+            raise ValueError(f"--limit must be 0 (all) or positive, got {self.limit}")
         if self.sizes and len(self.sizes) != len(self.adapter):
             raise ValueError(f"--sizes gives {len(self.sizes)} values for {len(self.adapter)} --adapter")
         if any(d < 1 for d in self.sizes):
@@ -502,7 +502,7 @@ def load_eval_data(cfg: EvalConfig) -> dict:
     {"driftcheck": rows or None, "task_dev": rows or None, "heldout": items or None, "align": pairs or None}."""
     for name in ("driftcheck", "csv", "task_dev", "heldout", "align"):
         path = getattr(cfg, name)
-        if path and not Path(path).is_file():
+        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe is not is_file(), and reads
             why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: {why}")
     rows = []
@@ -707,6 +707,8 @@ def run(cfg: EvalConfig, judge=None, toxicity=None) -> dict:
             hint = f"; did you mean {a / 'adapter'}?" if (a / "adapter" / "adapter_config.json").is_file() else ""
             raise ValueError(f"{a}: not an adapter directory (no adapter_config.json){hint}")
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        check_cuda(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[cfg.dtype]
     tok = load_tokenizer(cfg.ckpt, cfg.chat_format)

@@ -472,9 +472,18 @@ IGNORED_KEY_SUFFIXES = (".rotary_emb.inv_freq",)
 
 def check_device(device: str) -> str:
     """A --device value: auto, cpu, cuda or cuda:N, what this code places models and autocasts on."""
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()):
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isascii()
+            and device[5:].isdigit()):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     return device
+
+
+def check_cuda(device: str):
+    """A CUDA --device that this torch build and machine have (torch would fail with an AssertionError)."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build or machine has no CUDA device")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def load_model(path, device="cpu", dtype=torch.float32) -> Llama:

@@ -37,7 +37,7 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, dis
                         save_adapter, save_diag_fisher, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
-from model import (TOKENIZER_FILES, Llama, ModelConfig, check_device, checkpoint_digest, file_digest, init_weights,
+from model import (TOKENIZER_FILES, Llama, ModelConfig, check_cuda, check_device, checkpoint_digest, file_digest, init_weights,
                    load_model, logits_at, normal_file_mode, present, resolve_checkpoint, save_model)
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
@@ -104,8 +104,6 @@ class TrainConfig:
         for name in ("min_lr", "weight_decay", "grad_clip", "lambda_l2", "lambda_ewc"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the cosine decays from --lr to --min-lr")
         check_device(self.device)
         if self.merge and self.method == "full":
             raise ValueError("--merge merges a LoRA adapter; --method full writes the whole model to model/ already")
@@ -374,8 +372,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: this torch build or machine has no CUDA device")
+        check_cuda(device)
         torch.cuda.set_device(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = DTYPES[cfg.dtype]
@@ -397,7 +394,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
 
     # --- data: tokenised once, a fixed ordered held-out set for the eval loss
     for flag, path in (("--task", cfg.task), ("--eval-task", cfg.eval_task), ("--init", cfg.init)):
-        if path and not Path(path).is_file():
+        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe is not is_file(), and reads
             why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
             raise FileNotFoundError(f"{flag} {path}: {why}")
     tok = load_tokenizer(cfg.ckpt if not cfg.init else Path(cfg.init).parent, cfg.chat_format)
@@ -438,6 +435,9 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
     if master and cfg.warmup > total_steps:
         print(f"note: --warmup {cfg.warmup} is longer than the run's {steps_text}: the learning rate never reaches "
               f"--lr {cfg.lr:g}", file=sys.stderr)
+    if master and cfg.min_lr > cfg.lr:
+        print(f"note: --min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}, so after the warmup the learning rate "
+              f"rises to --min-lr instead of decaying; pass a lower --min-lr for a decay", file=sys.stderr)
     if master and dtype == torch.float16 and device_type == "cpu":
         print("note: --dtype fp16 on a CPU runs without fast kernels (a Fisher took 20x its fp32 time here); "
               "bf16 or fp32 are faster", file=sys.stderr)
@@ -461,7 +461,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
         data_hash = hashlib.sha256(f"{base_digest} {run['data']['align']}".encode()).hexdigest()[:16]
         meta = {"data_hash": data_hash, "k": agc.k, "kind": agc.fisher,
                 "targets": list(lora.targets), "n_align": len(align), "max_len": cfg.max_len, "seed": cfg.seed,
-                "world": world, "dtype": cfg.dtype, "chat_format": tok.chat_format}
+                "world": world, "fisher_batch": cfg.fisher_batch, "dtype": cfg.dtype, "chat_format": tok.chat_format}
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         cache_dir = Path(cfg.fisher_cache) if cfg.fisher_cache else out
         cache_dir.mkdir(parents=True, exist_ok=True)

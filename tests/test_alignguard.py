@@ -1042,6 +1042,8 @@ def test_lora_config_needs_targets():
     ("r", None, "'r' is missing or not a number"),
     ("r", 2.5, "'r' = 2.5: expected an integer >= 1"),
     ("r", float("inf"), "'r' = inf: expected an integer >= 1"),
+    ("lora_alpha", 10**400, "'lora_alpha' is a number too large for a float"),
+    ("lora_dropout", "0.1", "'lora_dropout' = '0.1': expected a number in"),
     ("lora_alpha", 0, "'lora_alpha' = 0: expected a finite number other than 0"),
     ("lora_dropout", 1.5, "'lora_dropout' = 1.5: expected a number in"),
 ])

@@ -5,6 +5,7 @@ DRIFTCHECK scoring on the tiny checkpoint of conftest.py, and the report CLI."""
 
 import contextlib
 import json
+import os
 import random
 import shutil
 from collections import Counter
@@ -520,6 +521,19 @@ def test_an_out_that_cannot_take_a_file_is_refused_before_scoring(tiny_ckpt, tmp
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_a_driftcheck_file_may_be_a_pipe(tmp_path):
+    """--driftcheck <(head -n 50 driftcheck.jsonl): a named pipe is read like a file (it is not is_file())."""
+    import threading
+    fifo = tmp_path / "dc.fifo"
+    os.mkfifo(fifo)
+    rows = driftcheck_rows()
+    writer = threading.Thread(target=lambda: fifo.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    writer.start()
+    data = ev.load_eval_data(ev.EvalConfig(driftcheck=str(fifo)))
+    writer.join()
+    assert len(data["driftcheck"]) == len(rows)
+
+
 def test_cli_writes_the_report_and_refuses_to_overwrite(tiny_ckpt, align_file, tmp_path, capsys):
     dc = write_jsonl(tmp_path / "dc.jsonl", driftcheck_rows())
     mc = write_jsonl(tmp_path / "dev.jsonl", [{"sentence": s, "label": i % 2} for i, s in enumerate(SENTIMENT)])
@@ -600,8 +614,8 @@ def test_load_eval_data_reads_csv_prompt_sets(tmp_path):
         ev.EvalConfig(sizes=(100,))
     with pytest.raises(ValueError, match="--sizes are task-set sizes D, each at least 1, got 100 -5"):
         ev.EvalConfig(sizes=(100, -5), adapter=("a", "b"))
-    with pytest.raises(ValueError, match=r"--limit must be 0 \(all\) or an even number .*got 3"):
-        ev.EvalConfig(limit=3)
+    with pytest.raises(ValueError, match=r"--limit must be 0 \(all\) or positive, got -3"):
+        ev.EvalConfig(limit=-3)
     with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
         ev.EvalConfig(device="tpu")
     assert ev.EvalConfig(device="cuda:1").device == "cuda:1"

@@ -320,7 +320,6 @@ def test_check_resume_compares_every_field_of_both_records(tmp_path):
     (["--epochs", "inf"], "--epochs must be a finite number more than 0, got inf"),
     (["--lr", "-1"], "--lr must be a finite number more than 0, got -1.0"),
     (["--lr", "nan"], "--lr must be a finite number more than 0, got nan"),
-    (["--min-lr", "1", "--lr", "1e-4"], "--min-lr 1.0 is above --lr 0.0001"),
     (["--weight-decay", "-5"], "--weight-decay must be a finite number >= 0"),
     (["--loss-scale", "0"], "--loss-scale must be a finite number more than 0"),
     (["--lambda-l2", "-1", "--method", "l2"], "--lambda-l2 must be a finite number >= 0"),
@@ -467,6 +466,12 @@ def test_a_run_that_stopped_before_its_first_checkpoint_can_be_rerun_in_its_out(
         run(tiny_ckpt, task_file, align_file, tmp_path / "p", "--steps", "2")
     assert "holds fisher-alignguard-notahexkey00000.safetensors; choose another --out" in capsys.readouterr().err
     assert all(f.read_bytes() == b"mine" for f in (tmp_path / "p").iterdir())
+
+
+def test_a_min_lr_above_lr_is_run_with_a_note(tiny_ckpt, task_file, align_file, tmp_path, capsys):
+    """--lr 1e-5 (full fine-tuning's kind of rate) under the default --min-lr 2e-5 runs, with a note."""
+    run(tiny_ckpt, task_file, align_file, tmp_path / "o", "--steps", "1", "--method", "lora", "--lr", "1e-5")
+    assert "note: --min-lr 2e-05 is above --lr 1e-05" in capsys.readouterr().err
 
 
 def test_written_files_get_the_umask_mode(tiny_ckpt, task_file, align_file, tmp_path, capsys):
