@@ -502,7 +502,7 @@ def load_eval_data(cfg: EvalConfig) -> dict:
     {"driftcheck": rows or None, "task_dev": rows or None, "heldout": items or None, "align": pairs or None}."""
     for name in ("driftcheck", "csv", "task_dev", "heldout", "align"):
         path = getattr(cfg, name)
-        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe is not is_file(), and reads
+        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe, <(...), is no is_file() yet reads
             why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: {why}")
     rows = []

@@ -37,8 +37,8 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, dis
                         save_adapter, save_diag_fisher, save_fisher)
 from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
-from model import (TOKENIZER_FILES, Llama, ModelConfig, check_cuda, check_device, checkpoint_digest, file_digest, init_weights,
-                   load_model, logits_at, normal_file_mode, present, resolve_checkpoint, save_model)
+from model import (TOKENIZER_FILES, Llama, ModelConfig, check_cuda, check_device, checkpoint_digest, file_digest,
+                   init_weights, load_model, logits_at, normal_file_mode, present, resolve_checkpoint, save_model)
 
 METHODS = ("alignguard", "lora", "l2", "ewc", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -394,7 +394,7 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
 
     # --- data: tokenised once, a fixed ordered held-out set for the eval loss
     for flag, path in (("--task", cfg.task), ("--eval-task", cfg.eval_task), ("--init", cfg.init)):
-        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe is not is_file(), and reads
+        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe, <(...), is no is_file() yet reads
             why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
             raise FileNotFoundError(f"{flag} {path}: {why}")
     tok = load_tokenizer(cfg.ckpt if not cfg.init else Path(cfg.init).parent, cfg.chat_format)
