@@ -963,6 +963,7 @@ def penalties(model: nn.Module, basis: dict[str, FisherBasis], cfg: AlignGuardCo
     """
     mods = _adapted(model)
     _check_modules(mods, basis, "the Fisher basis")
+    rm_fn = compiled_e_rm() if cfg.compile_rm else e_rm_value_and_grads  # looked up here: tests swap it
     stacks = {}
     for n, m in mods.items():
         key = (m.lora_A.weight.shape, m.lora_B.weight.shape, basis[n].U_g.shape, basis[n].U_a.shape, m.scaling,
@@ -974,7 +975,6 @@ def penalties(model: nn.Module, basis: dict[str, FisherBasis], cfg: AlignGuardCo
         A = torch.stack([mods[n].lora_A.weight for n in names])  # (L, r, d_in)
         B = torch.stack([mods[n].lora_B.weight for n in names])  # (L, d_out, r)
         U_g, g, U_a, a = (torch.stack([getattr(basis[n], f) for n in names]) for f in ("U_g", "g", "U_a", "a"))
-        rm_fn = compiled_e_rm() if cfg.compile_rm else e_rm_value_and_grads  # looked up here: tests swap it
         t = module_penalties(A, B, m0.scaling, U_g, g, U_a, a, cfg.beta, cfg.eps,
                              rm_grad=cfg.lambda_nc * cfg.alpha > 0, rm_fn=rm_fn,
                              rm_modules=max(1, cfg.rm_chunk // (m0.in_features * m0.out_features)))

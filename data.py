@@ -364,6 +364,14 @@ def batches(examples, batch_size, shuffle=True, seed=0, start=0):
 # -----------------------------------------------------------------------------
 # readers with schema checks
 
+def check_input(flag: str, path):
+    """An input file given as `flag` exists and is not a directory (a pipe, <(...), is no is_file() yet reads
+    like one): FileNotFoundError naming the flag, before a reader's bare [Errno 2]."""
+    if path and (not os.path.exists(path) or os.path.isdir(path)):
+        why = "is a directory, not a file" if os.path.isdir(path) else "no such file"
+        raise FileNotFoundError(f"{flag} {path}: {why}")
+
+
 def _read_jsonl(path):
     """(line number, object) for each non-blank line of a jsonl file."""
     rows = []

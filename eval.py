@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from alignguard import disable_lora, load_adapter, merged_lora, read_json_object, remove_lora
-from data import (collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer, read_align,
-                  read_driftcheck, read_mc, read_prompts_csv, read_task)
+from data import (check_input, collate, decode, encode_example, encode_prompt, encode_text, load_tokenizer,
+                  read_align, read_driftcheck, read_mc, read_prompts_csv, read_task)
 from model import check_cuda, check_device, checkpoint_digest, decode_layout, generate, load_model, logits_at
 
 
@@ -501,10 +501,7 @@ def load_eval_data(cfg: EvalConfig) -> dict:
     """The evaluation sets named in cfg, read and validated once for every model:
     {"driftcheck": rows or None, "task_dev": rows or None, "heldout": items or None, "align": pairs or None}."""
     for name in ("driftcheck", "csv", "task_dev", "heldout", "align"):
-        path = getattr(cfg, name)
-        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe, <(...), is no is_file() yet reads
-            why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: {why}")
+        check_input(f"--{name.replace('_', '-')}", getattr(cfg, name))
     rows = []
     if cfg.driftcheck:
         rows += read_driftcheck(cfg.driftcheck)

@@ -35,7 +35,7 @@ from alignguard import (AlignGuardConfig, LoRAConfig, add_lora, diag_fisher, dis
                         ewc_penalty, l2_penalty, load_adapter, load_diag_fisher, load_fisher, lora_parameters,
                         merged_state_dict, penalties, read_json_object, read_safetensors, release_rm_buffers, remove_lora,
                         save_adapter, save_diag_fisher, save_fisher)
-from data import collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
+from data import check_input, collate, driftcheck_prompts, encode_pairs, load_tokenizer, read_align, read_task
 from eval import EvalConfig, balanced_subset, compare, evaluate_model, field_help, format_report, load_eval_data
 from model import (TOKENIZER_FILES, Llama, ModelConfig, check_cuda, check_device, checkpoint_digest, file_digest,
                    init_weights, load_model, logits_at, normal_file_mode, present, resolve_checkpoint, save_model)
@@ -386,17 +386,17 @@ def train(cfg: TrainConfig, lora: LoRAConfig, agc: AlignGuardConfig) -> dict:
             raise ValueError(f"{flag} {path}: is a file, not a directory")
     # Fisher caches alone (a run that stopped before its first checkpoint) do not make --out a run: they are
     # keyed by everything they depend on, so a new run reuses the one it matches and writes no other's name
-    held = [p.name for p in out.iterdir() if not is_fisher_cache(p.name)] if out.is_dir() else []
-    if master and not cfg.resume and held:
+    held = []  # what in --out a new run would mix with
+    if master and not cfg.resume and out.is_dir():
+        held = [p.name for p in out.iterdir() if not is_fisher_cache(p.name)]
+    if held:
         raise ValueError(f"{out}: output directory exists and holds {', '.join(sorted(held)[:4])}"
                          f"{' ...' if len(held) > 4 else ''}; choose another --out, "
                          f"or pass --resume to continue the run it holds")
 
     # --- data: tokenised once, a fixed ordered held-out set for the eval loss
     for flag, path in (("--task", cfg.task), ("--eval-task", cfg.eval_task), ("--init", cfg.init)):
-        if path and (not Path(path).exists() or Path(path).is_dir()):  # a pipe, <(...), is no is_file() yet reads
-            why = "is a directory, not a file" if Path(path).is_dir() else "no such file"
-            raise FileNotFoundError(f"{flag} {path}: {why}")
+        check_input(flag, path)
     tok = load_tokenizer(cfg.ckpt if not cfg.init else Path(cfg.init).parent, cfg.chat_format)
 
     def encode(pairs, name):  # (input_ids, labels) rows; truncation is reported on stderr
