@@ -77,7 +77,7 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**21  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers: 40 MiB, kept on a CPU); README: Performance
+    rm_chunk: int = 2**19  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers: 10 MiB, kept on a CPU); README: Performance
     compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~50 s of compiling, then 15-22% less penalty time on CPU
 
     def __post_init__(self):
@@ -787,13 +787,13 @@ def _dots(X, Y):
 
 
 _RM_WORKSPACE: dict = {}  # (device, dtype) -> the flat buffer e_rm's five dense matrices are views of (CPU only)
-_RM_KEEP = 5 * 2**21  # most entries kept: five matrices of the default rm_chunk, 40 MiB in fp32
+_RM_KEEP = 5 * 2**21  # most entries kept: five matrices of 2^21 entries (a module that large: 40 MiB in fp32)
 
 
 def _rm_buffers(shape: torch.Size, like: torch.Tensor, n: int = 5) -> list[torch.Tensor]:
     """n uninitialised tensors of `shape`. On a CPU they are views of one flat buffer kept from call to call
-    (grown to the largest chunk asked for, up to _RM_KEEP entries: larger chunks, a module beyond the default
-    rm_chunk such as an adapted lm_head, get fresh tensors; release_rm_buffers frees it). torch's CPU tensors
+    (grown to the largest chunk asked for, up to _RM_KEEP entries: larger chunks, a module of more than 2^21
+    entries such as an adapted lm_head, get fresh tensors; release_rm_buffers frees it). torch's CPU tensors
     come from glibc's malloc, which maps a block above its (dynamic) mmap threshold afresh, faults its pages
     in at first touch and unmaps it when freed: in a process whose threshold is still low, as at the start
     of a run, that was more than half of E_rm's time (one stack of two 1536 x 576 modules, a fresh process:

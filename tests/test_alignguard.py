@@ -862,7 +862,8 @@ def test_factored_terms_cost_grows_linearly_in_width_and_e_rm_quadratically():
         sizes = OutputSizes()
         with pytest.MonkeyPatch.context() as mp, FlopCounterMode(display=False) as flops, sizes:
             mp.setattr(alignguard, "e_rm_value_and_grads", rm_fn)  # penalties looks it up when it runs
-            penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.5))[0].backward()
+            # rm_chunk: both modules of the widest stack in one E_rm call, whatever the default
+            penalties(model, basis, AlignGuardConfig(lambda_nc=1.0, alpha=0.5, rm_chunk=2 * 1024**2))[0].backward()
         assert all(p.grad is not None for p in lora_parameters(model))  # the backward reached the factors
         return flops.get_total_flops(), sizes.largest
 
