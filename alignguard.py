@@ -77,7 +77,7 @@ class AlignGuardConfig:
     alpha: float = 0.5  # mix of E_rm (coordinate overlap) and E_geo (subspace overlap)
     beta: float = 1.0  # ρ = 1 + β·sigmoid(...) weighs large coordinates up to (1+β)x in E_rm
     eps: float = 1e-8  # keeps E_rm, E_geo finite at ΔW = 0 (B = 0 at the start) and damps them while ΔW is tiny
-    rm_chunk: int = 2**19  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers: 10 MiB, kept on a CPU); README: Performance
+    rm_chunk: int = 2**19  # most ΔW entries E_rm forms at once, whole modules (5 fp32 buffers: 10 MiB, or one larger module's; kept on a CPU); README: Performance
     compile_rm: bool = False  # torch.compile E_rm (dynamic shapes): ~50 s of compiling, then 15-22% less penalty time on CPU
 
     def __post_init__(self):
